@@ -1,0 +1,3 @@
+from mocov3.cli import main
+
+raise SystemExit(main())

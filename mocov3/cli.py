@@ -1,0 +1,136 @@
+"""The ``mocov3`` command line. Each sub-command is one small function; errors the user
+can fix are printed as one line (``error: ...``) with exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from mocov3.config import ConfigError, apply_overrides, config_from_dict, load_config
+from mocov3.data.datasets import DatasetError
+from mocov3.engine.checkpoint import CheckpointError
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="fashion-mnist | folder:PATH | synthetic")
+    parser.add_argument("--data-dir", help="folder holding the Fashion-MNIST idx files")
+
+
+def _data_overrides(args: argparse.Namespace) -> list[str]:
+    overrides = []
+    if args.data:
+        overrides.append(f"data.name={args.data}")
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir}")
+    return overrides
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from mocov3.engine.train import pretrain
+
+    overrides = _data_overrides(args)
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    if args.device:
+        overrides.append(f"train.device={args.device}")
+    config = load_config(args.config, [*overrides, *args.set])
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config or "default").stem
+    summary = pretrain(config, out)
+    print(f"run directory: {out}  plots: {', '.join(Path(p).name for p in summary['plots'])}",
+          file=sys.stderr)
+    print(json.dumps({k: v for k, v in summary.items() if k != "plots"}))
+    return 0
+
+
+def cmd_knn(args: argparse.Namespace) -> int:
+    from mocov3.engine.checkpoint import load_checkpoint
+    from mocov3.engine.train import load_data, resolve_device
+    from mocov3.eval.knn import extract_features, knn_accuracy
+    from mocov3.models.moco import build_moco
+
+    if args.raw_pixels:
+        config = load_config(args.config, [*_data_overrides(args), *args.set])
+    else:
+        state = load_checkpoint(args.checkpoint)
+        config = apply_overrides(config_from_dict(state["config"]),
+                                 [*_data_overrides(args), *args.set])
+    device = resolve_device(args.device or config.train.device)
+    train_set, test_set = load_data(config)
+    if test_set is None:
+        raise DatasetError(f"data '{config.data.name}' has no labelled test split for kNN")
+    ks = args.k or list(config.eval.knn_k)
+    temperature = args.temperature or config.eval.knn_temperature
+    if args.raw_pixels:
+        train_features = train_set.images.flatten(1).float()
+        test_features = test_set.images.flatten(1).float()
+        source = "raw-pixels"
+    else:
+        model = build_moco(config, int(state["in_chans"]))
+        model.load_state_dict(state["model"])
+        backbone = model.backbone if args.encoder == "query" else model.momentum_backbone
+        backbone.to(device)
+        common = (train_set.mean, train_set.std, device, config.eval.batch_size,
+                  config.train.precision)
+        train_features = extract_features(backbone, train_set.images, *common)
+        test_features = extract_features(backbone, test_set.images, *common)
+        source = args.encoder
+    accuracy = knn_accuracy(train_features, train_set.labels, test_features, test_set.labels,
+                            ks, temperature)
+    result = {f"knn_top1_k{k}": round(v, 2) for k, v in accuracy.items()}
+    result.update(knn_top1=result[f"knn_top1_k{ks[0]}"], temperature=temperature,
+                  features=source, train_images=len(train_set), test_images=len(test_set))
+    print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mocov3", description="MoCo v3 self-supervised pretraining and evaluation"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    pre = commands.add_parser("pretrain", help="pretrain a backbone with MoCo v3")
+    pre.add_argument("--config", help="YAML preset, e.g. configs/demo.yaml")
+    pre.add_argument("--out", help="run directory (default runs/<preset name>)")
+    pre.add_argument("--epochs", type=float)
+    pre.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    _add_data_args(pre)
+    pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override any config key, e.g. --set optim.base_lr=5e-4")
+    pre.set_defaults(handler=cmd_pretrain)
+
+    knn = commands.add_parser("knn", help="weighted kNN top-1 of a checkpoint's backbone")
+    source = knn.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a run's checkpoint.pt (or the run directory)")
+    source.add_argument("--raw-pixels", action="store_true",
+                        help="baseline: kNN on raw pixels instead of learned features")
+    knn.add_argument("--config", help="preset for --raw-pixels (data settings)")
+    knn.add_argument("--encoder", choices=("query", "momentum"), default="query")
+    knn.add_argument("--k", type=int, nargs="+", help="neighbour counts (default eval.knn_k)")
+    knn.add_argument("--temperature", type=float, help="vote temperature (default 0.07)")
+    knn.add_argument("--device")
+    _add_data_args(knn)
+    knn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    knn.set_defaults(handler=cmd_knn)
+    return parser
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetError, CheckpointError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from mocov3.engine.train import TrainingError
+
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except (*USER_ERRORS, TrainingError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

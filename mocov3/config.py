@@ -1,0 +1,369 @@
+"""Typed configuration: nested dataclasses, YAML presets and ``key=value`` overrides.
+
+Every default is the paper's ViT recipe (Chen, Xie, He, ICCV 2021, Sec. 4 and the
+reference code's ViT-S/B settings); presets in ``configs/`` override what they must and
+say why. Unknown keys and bad values raise :class:`ConfigError` with one line naming the
+key and the fix, before any compute starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message is one line."""
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and heads. ``arch`` fills embed_dim/depth/num_heads unless set explicitly."""
+
+    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_huge | vit_custom
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    patch_size: int = 16
+    mlp_ratio: float = 4.0
+    pos_embed: str = "sincos"  # sincos | learned | none  (paper Table 6: sin-cos best)
+    freeze_patch_embed: bool = True  # the paper's stability trick (Sec. 5)
+    drop_path_rate: float = 0.0
+    proj_hidden_dim: int = 4096
+    proj_layers: int = 3
+    pred_hidden_dim: int = 4096
+    pred_layers: int = 2
+    out_dim: int = 256
+
+
+@dataclass
+class DataConfig:
+    """What to train on. ``name``: fashion-mnist | folder:PATH | synthetic."""
+
+    name: str = "fashion-mnist"
+    data_dir: str | None = None  # where the fashion-mnist idx files live (default: Debian path)
+    image_size: int = 224  # model input size; images are stored at this size as uint8
+    channels: int | None = None  # None: take the dataset's own (1 for Fashion-MNIST, 3 for RGB)
+    subset: int | None = None  # use the first N training images (tests, quick tries)
+    synthetic_size: int = 2048  # number of generated training images for ``synthetic``
+
+
+@dataclass
+class AugmentConfig:
+    """The paper's asymmetric two-view BYOL recipe. Two-element lists are (view 1, view 2)."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: tuple[float, float] = (1.0, 0.1)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: tuple[float, float] = (0.0, 0.2)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with lr = base_lr * global_batch / 256, linear warmup then half-cosine to 0."""
+
+    name: str = "adamw"
+    base_lr: float = 1.5e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)  # torch defaults, as the reference code
+    warmup_epochs: float = 40.0
+    min_lr: float = 0.0
+
+
+@dataclass
+class MocoConfig:
+    """Momentum encoder and contrastive loss."""
+
+    momentum: float = 0.99  # m0 of the cosine schedule to 1.0
+    momentum_cosine: bool = True
+    temperature: float = 0.2  # tau for ViT (1.0 for ResNet)
+    concat_views: bool = True  # one backbone call on both views; heads keep per-view BN
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 300.0
+    batch_size: int = 4096  # global batch
+    seed: int = 0
+    precision: str = "bf16"  # bf16 | fp32 | fp16 (CUDA only, with a grad scaler)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch intra-op threads; None: leave torch's default
+    log_every: int = 10  # steps between metric lines
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always saves)
+    plot_every: int = 1  # epochs between plot refreshes
+
+
+@dataclass
+class EvalConfig:
+    """Weighted kNN (InstDisc/DINO voting) on L2-normalised class-token features."""
+
+    knn_k: tuple[int, ...] = (20, 200)
+    knn_temperature: float = 0.07
+    knn_init: bool = True  # evaluate the random-init backbone before training
+    knn_final: bool = True
+    batch_size: int = 512
+    train_subset: int | None = None  # memory bank size (None: the whole train split)
+    test_subset: int | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- coercion
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert ``value`` to ``annotation`` or raise a one-line ConfigError naming ``key``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], key)
+    if origin is tuple:
+        if isinstance(value, (int, float)) and args and args[-1] is Ellipsis:
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        if args and args[-1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(
+                f"config key '{key}' must have {len(args)} values, got {len(value)}: {value!r}"
+            )
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}") from None
+        if not number.is_integer():
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return int(number)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}") from None
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
+    hints = _field_types(type(section))
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"unknown config key '{name}' (known in this section: {known})")
+        current = getattr(section, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{name}' is a section; give it a mapping")
+            _apply(current, value, f"{name}.")
+        else:
+            setattr(section, key, _coerce(value, hints[key], name))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``section.key=value``; the value is read as YAML (``[0.2, 1.0]``, ``true``, ``1e-4``)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    parts = key.split(".")
+    nested: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Build a :class:`Config` from a YAML preset and ``key=value`` overrides, then validate."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found (presets live in configs/)")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            line = getattr(getattr(error, "problem_mark", None), "line", None)
+            where = f" line {line + 1}" if line is not None else ""
+            raise ConfigError(f"config file {path}{where} is not valid YAML") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        _apply(config, values, "")
+    return apply_overrides(config, overrides)
+
+
+def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``section.key=value`` strings in order, then validate the result."""
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply(config, _nest(key, value), "")
+    validate(config)
+    return config
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a config saved in a checkpoint or run directory."""
+    config = Config()
+    _apply(config, values, "")
+    validate(config)
+    return config
+
+
+# --------------------------------------------------------------------------- validation
+
+VIT_SIZES: dict[str, tuple[int, int, int]] = {
+    # name: (embed_dim, depth, num_heads); ViT-S has 12 heads in the paper (DeiT-S has 6)
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 12),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+    "vit_huge": (1280, 32, 16),
+}
+
+
+def resolve_model_dims(model: ModelConfig) -> tuple[int, int, int]:
+    """(embed_dim, depth, num_heads) from the arch name, explicit values taking precedence."""
+    if model.arch == "vit_custom":
+        base = (None, None, None)
+    elif model.arch in VIT_SIZES:
+        base = VIT_SIZES[model.arch]
+    else:
+        known = ", ".join([*VIT_SIZES, "vit_custom"])
+        raise ConfigError(f"model.arch '{model.arch}' is unknown (choose one of: {known})")
+    dims = tuple(
+        explicit if explicit is not None else default
+        for explicit, default in zip(
+            (model.embed_dim, model.depth, model.num_heads), base, strict=True
+        )
+    )
+    for name, value in zip(("embed_dim", "depth", "num_heads"), dims, strict=True):
+        if value is None:
+            raise ConfigError(f"model.{name} must be set when model.arch is vit_custom")
+    return dims  # type: ignore[return-value]
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: Config) -> None:
+    """Range checks that need no data; raise ConfigError with the key and the fix."""
+    m, d, a, o, mc, t, e = (
+        config.model, config.data, config.augment, config.optim,
+        config.moco, config.train, config.eval,
+    )
+    embed_dim, depth, heads = resolve_model_dims(m)
+    _require(embed_dim > 0 and depth > 0 and heads > 0, "model dims must be positive")
+    _require(embed_dim % heads == 0,
+             f"model.embed_dim {embed_dim} must be divisible by model.num_heads {heads}")
+    _require(m.pos_embed in ("sincos", "learned", "none"),
+             f"model.pos_embed '{m.pos_embed}' must be sincos, learned or none")
+    _require(m.pos_embed != "sincos" or embed_dim % 4 == 0,
+             f"model.embed_dim {embed_dim} must be divisible by 4 for the sin-cos position table")
+    _require(m.patch_size > 0, "model.patch_size must be positive")
+    _require(d.image_size > 0 and d.image_size % m.patch_size == 0,
+             f"data.image_size {d.image_size} must be a positive multiple of model.patch_size "
+             f"{m.patch_size} (e.g. patch 4 or 7 for 28 px, 4 for 32 px, 16 for 224 px)")
+    _require(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate must be in [0, 1)")
+    _require(m.proj_layers >= 1 and m.pred_layers >= 0, "model.proj_layers >= 1, pred_layers >= 0")
+    _require(min(m.proj_hidden_dim, m.pred_hidden_dim, m.out_dim) > 0, "head widths must be > 0")
+    _require(d.channels in (None, 1, 3), "data.channels must be 1, 3 or null")
+    _require(d.subset is None or d.subset >= 2, "data.subset must be at least 2 images")
+    lo, hi = a.crop_scale
+    _require(0.0 < lo <= hi <= 1.0, f"augment.crop_scale {a.crop_scale} must satisfy 0 < min <= max <= 1")
+    _require(0.0 < a.crop_ratio[0] <= a.crop_ratio[1], "augment.crop_ratio must be increasing > 0")
+    for name in ("flip_p", "jitter_p", "grayscale_p"):
+        value = getattr(a, name)
+        _require(0.0 <= value <= 1.0, f"augment.{name} {value} must be a probability in [0, 1]")
+    for name in ("blur_p", "solarize_p"):
+        for value in getattr(a, name):
+            _require(0.0 <= value <= 1.0, f"augment.{name} {value} must be probabilities in [0, 1]")
+    _require(0.0 < a.blur_sigma[0] <= a.blur_sigma[1], "augment.blur_sigma must be 0 < min <= max")
+    for name in ("brightness", "contrast", "saturation"):
+        _require(0.0 <= getattr(a, name) < 1.0, f"augment.{name} must be in [0, 1)")
+    _require(0.0 <= a.hue <= 0.5, "augment.hue must be in [0, 0.5]")
+    _require(o.name == "adamw", f"optim.name '{o.name}' is not supported here (use adamw)")
+    _require(o.base_lr > 0, f"optim.base_lr {o.base_lr} must be positive")
+    _require(o.weight_decay >= 0, f"optim.weight_decay {o.weight_decay} must be >= 0")
+    _require(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas must be in [0, 1)")
+    _require(o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
+    _require(0.0 <= mc.momentum <= 1.0, f"moco.momentum {mc.momentum} must be in [0, 1]")
+    _require(mc.temperature > 0, f"moco.temperature {mc.temperature} must be positive")
+    _require(t.epochs > 0, f"train.epochs {t.epochs} must be positive")
+    _require(o.warmup_epochs <= t.epochs,
+             f"optim.warmup_epochs {o.warmup_epochs} exceeds train.epochs {t.epochs}")
+    _require(t.batch_size >= 2, f"train.batch_size {t.batch_size} must be at least 2 "
+             "(the other images of the batch are the negatives)")
+    _require(t.precision in ("bf16", "fp32", "fp16"),
+             f"train.precision '{t.precision}' must be bf16, fp32 or fp16")
+    _require(t.log_every >= 1 and t.checkpoint_every >= 1 and t.plot_every >= 1,
+             "train.log_every, checkpoint_every and plot_every must be >= 1")
+    _require(len(e.knn_k) >= 1 and all(k >= 1 for k in e.knn_k), "eval.knn_k must be positive")
+    _require(e.knn_temperature > 0, "eval.knn_temperature must be positive")
+    _require(e.batch_size >= 1, "eval.batch_size must be >= 1")

@@ -1,0 +1,194 @@
+"""Vision Transformer backbone as used by MoCo v3 (Chen, Xie, He, ICCV 2021, Sec. 4).
+
+Faithful to the paper's reference ViT: class token whose final-LayerNorm output is the
+feature, LayerNorm eps 1e-6, qkv with bias, MLP ratio 4, a fixed 2-D sin-cos position
+embedding (class-token position all zeros), the MoCo v3 initialisation and, optionally, a
+frozen random patch projection (the paper's stability trick, Sec. 5.1).
+
+Parameter names and shapes equal timm's ``VisionTransformer`` (``patch_embed.proj``,
+``cls_token``, ``pos_embed``, ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``,
+``norm``) so a state dict loads into timm with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LAYER_NORM_EPS = 1e-6
+
+
+def sincos_position_table(grid_size: int, embed_dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """The paper's fixed 2-D sin-cos table, ``[1, 1 + grid_size**2, embed_dim]``.
+
+    ``embed_dim / 4`` frequencies for each of sin/cos along each axis; the class token's
+    row is all zeros. Axis order follows the reference implementation (its meshgrid uses
+    'ij' indexing), so the table is bit-identical to the one the released weights saw.
+    """
+    if embed_dim % 4 != 0:
+        raise ValueError(f"embed_dim {embed_dim} must be divisible by 4 for sin-cos positions")
+    coords = torch.arange(grid_size, dtype=torch.float32)
+    first_axis, second_axis = torch.meshgrid(coords, coords, indexing="ij")
+    quarter = embed_dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    angles_a = first_axis.flatten()[:, None] * omega[None, :]
+    angles_b = second_axis.flatten()[:, None] * omega[None, :]
+    table = torch.cat(
+        [angles_a.sin(), angles_a.cos(), angles_b.sin(), angles_b.cos()], dim=1
+    )
+    class_row = torch.zeros(1, embed_dim)
+    return torch.cat([class_row, table], dim=0)[None]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (used when fine-tuning; 0 during MoCo pretraining)."""
+
+    def __init__(self, rate: float = 0.0) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches projected by a strided convolution (timm's ``patch_embed``)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        if img_size % patch_size != 0:
+            raise ValueError(f"image size {img_size} is not a multiple of patch size {patch_size}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nn.Module):
+    """ViT whose ``forward`` returns the class token after the final LayerNorm, ``[B, D]``."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        pos_embed: str = "sincos",
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.pos_embed_type = pos_embed
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = self._make_pos_embed(pos_embed)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.Sequential(
+            *[Block(embed_dim, num_heads, mlp_ratio, rate) for rate in rates]
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        self._init_weights()
+
+    def _make_pos_embed(self, kind: str) -> nn.Parameter | None:
+        tokens = 1 + self.patch_embed.num_patches
+        if kind == "sincos":
+            table = sincos_position_table(self.patch_embed.grid_size, self.embed_dim)
+            return nn.Parameter(table, requires_grad=False)
+        if kind == "learned":
+            return nn.Parameter(torch.randn(1, tokens, self.embed_dim) * 0.02)
+        if kind == "none":
+            return None
+        raise ValueError(f"pos_embed '{kind}' must be sincos, learned or none")
+
+    def _init_weights(self) -> None:
+        """MoCo v3 init: xavier-uniform Linear (qkv bound as three separate matrices), zero
+        biases, class token N(0, 1e-6), patch projection xavier-uniform over its flattened
+        fan-in."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                if name.endswith("attn.qkv"):
+                    fan_out = module.weight.shape[0] // 3
+                    bound = math.sqrt(6.0 / float(fan_out + module.weight.shape[1]))
+                    nn.init.uniform_(module.weight, -bound, bound)
+                else:
+                    nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        proj = self.patch_embed.proj
+        fan_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+        bound = math.sqrt(6.0 / float(fan_in + self.embed_dim))
+        nn.init.uniform_(proj.weight, -bound, bound)
+        nn.init.zeros_(proj.bias)
+
+    def freeze_patch_embed(self) -> None:
+        """The paper's random patch projection: fixed after init (requires_grad False)."""
+        self.patch_embed.proj.weight.requires_grad = False
+        self.patch_embed.proj.bias.requires_grad = False
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens after the final LayerNorm, ``[B, 1 + num_patches, D]``."""
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        return self.norm(self.blocks(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(x)[:, 0]
