@@ -39,49 +39,46 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     config = load_config(args.config, [*overrides, *args.set])
     out = Path(args.out) if args.out else Path("runs") / Path(args.config or "default").stem
     summary = pretrain(config, out)
-    print(f"run directory: {out}  plots: {', '.join(Path(p).name for p in summary['plots'])}",
-          file=sys.stderr)
+    print(
+        f"run directory: {out}  plots: {', '.join(Path(p).name for p in summary['plots'])}",
+        file=sys.stderr,
+    )
     print(json.dumps({k: v for k, v in summary.items() if k != "plots"}))
     return 0
 
 
 def cmd_knn(args: argparse.Namespace) -> int:
-    from mocov3.engine.checkpoint import load_checkpoint
-    from mocov3.engine.train import load_data, resolve_device
-    from mocov3.eval.knn import extract_features, knn_accuracy
-    from mocov3.models.moco import build_moco
+    from torch import nn
 
+    from mocov3.engine.checkpoint import load_checkpoint
+    from mocov3.engine.train import evaluate_knn, load_data, resolve_device
+    from mocov3.models.moco import build_moco, load_model_state
+
+    overrides = [*_data_overrides(args), *args.set]
+    if args.k:
+        overrides.append(f"eval.knn_k={args.k}")
+    if args.temperature:
+        overrides.append(f"eval.knn_temperature={args.temperature}")
     if args.raw_pixels:
-        config = load_config(args.config, [*_data_overrides(args), *args.set])
+        config = load_config(args.config, overrides)
+        backbone: nn.Module = nn.Flatten()
     else:
         state = load_checkpoint(args.checkpoint)
-        config = apply_overrides(config_from_dict(state["config"]),
-                                 [*_data_overrides(args), *args.set])
+        config = apply_overrides(config_from_dict(state["config"]), overrides)
+        model = build_moco(config, int(state["in_chans"]))
+        load_model_state(model, state["model"], args.checkpoint)
+        backbone = model.backbone if args.encoder == "query" else model.momentum_backbone
     device = resolve_device(args.device or config.train.device)
     train_set, test_set = load_data(config)
     if test_set is None:
         raise DatasetError(f"data '{config.data.name}' has no labelled test split for kNN")
-    ks = args.k or list(config.eval.knn_k)
-    temperature = args.temperature or config.eval.knn_temperature
-    if args.raw_pixels:
-        train_features = train_set.images.flatten(1).float()
-        test_features = test_set.images.flatten(1).float()
-        source = "raw-pixels"
-    else:
-        model = build_moco(config, int(state["in_chans"]))
-        model.load_state_dict(state["model"])
-        backbone = model.backbone if args.encoder == "query" else model.momentum_backbone
-        backbone.to(device)
-        common = (train_set.mean, train_set.std, device, config.eval.batch_size,
-                  config.train.precision)
-        train_features = extract_features(backbone, train_set.images, *common)
-        test_features = extract_features(backbone, test_set.images, *common)
-        source = args.encoder
-    accuracy = knn_accuracy(train_features, train_set.labels, test_features, test_set.labels,
-                            ks, temperature)
-    result = {f"knn_top1_k{k}": round(v, 2) for k, v in accuracy.items()}
-    result.update(knn_top1=result[f"knn_top1_k{ks[0]}"], temperature=temperature,
-                  features=source, train_images=len(train_set), test_images=len(test_set))
+    result = evaluate_knn(
+        backbone.to(device), train_set, test_set, config, device, raw_pixels=args.raw_pixels
+    )
+    result.update(
+        temperature=config.eval.knn_temperature,
+        features="raw-pixels" if args.raw_pixels else args.encoder,
+    )
     print(json.dumps(result))
     return 0
 
@@ -98,15 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--epochs", type=float)
     pre.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     _add_data_args(pre)
-    pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override any config key, e.g. --set optim.base_lr=5e-4")
+    pre.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set optim.base_lr=5e-4",
+    )
     pre.set_defaults(handler=cmd_pretrain)
 
     knn = commands.add_parser("knn", help="weighted kNN top-1 of a checkpoint's backbone")
     source = knn.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a run's checkpoint.pt (or the run directory)")
-    source.add_argument("--raw-pixels", action="store_true",
-                        help="baseline: kNN on raw pixels instead of learned features")
+    source.add_argument(
+        "--raw-pixels",
+        action="store_true",
+        help="baseline: kNN on raw pixels instead of learned features",
+    )
     knn.add_argument("--config", help="preset for --raw-pixels (data settings)")
     knn.add_argument("--encoder", choices=("query", "momentum"), default="query")
     knn.add_argument("--k", type=int, nargs="+", help="neighbour counts (default eval.knn_k)")

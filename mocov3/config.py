@@ -99,7 +99,9 @@ class TrainConfig:
     epochs: float = 300.0
     batch_size: int = 4096  # global batch
     seed: int = 0
-    precision: str = "bf16"  # bf16 | fp32 | fp16 (CUDA only, with a grad scaler)
+    # auto: bf16 where it is fast (CUDA, CPUs with AVX-512-BF16/AMX), else fp32 (see
+    # engine/precision.py); bf16 | fp32 | fp16 (CUDA only, with a grad scaler)
+    precision: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch intra-op threads; None: leave torch's default
     log_every: int = 10  # steps between metric lines
@@ -217,7 +219,7 @@ def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """Parse ``section.key=value``; the value is read as YAML (``[0.2, 1.0]``, ``true``, ``1e-4``)."""
+    """Parse ``section.key=value``; the value is read as YAML (``[0.2, 1]``, ``true``)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     key, raw = text.split("=", 1)
@@ -315,28 +317,43 @@ def _require(condition: bool, message: str) -> None:
 def validate(config: Config) -> None:
     """Range checks that need no data; raise ConfigError with the key and the fix."""
     m, d, a, o, mc, t, e = (
-        config.model, config.data, config.augment, config.optim,
-        config.moco, config.train, config.eval,
+        config.model,
+        config.data,
+        config.augment,
+        config.optim,
+        config.moco,
+        config.train,
+        config.eval,
     )
     embed_dim, depth, heads = resolve_model_dims(m)
     _require(embed_dim > 0 and depth > 0 and heads > 0, "model dims must be positive")
-    _require(embed_dim % heads == 0,
-             f"model.embed_dim {embed_dim} must be divisible by model.num_heads {heads}")
-    _require(m.pos_embed in ("sincos", "learned", "none"),
-             f"model.pos_embed '{m.pos_embed}' must be sincos, learned or none")
-    _require(m.pos_embed != "sincos" or embed_dim % 4 == 0,
-             f"model.embed_dim {embed_dim} must be divisible by 4 for the sin-cos position table")
+    _require(
+        embed_dim % heads == 0,
+        f"model.embed_dim {embed_dim} must be divisible by model.num_heads {heads}",
+    )
+    _require(
+        m.pos_embed in ("sincos", "learned", "none"),
+        f"model.pos_embed '{m.pos_embed}' must be sincos, learned or none",
+    )
+    _require(
+        m.pos_embed != "sincos" or embed_dim % 4 == 0,
+        f"model.embed_dim {embed_dim} must be divisible by 4 for the sin-cos position table",
+    )
     _require(m.patch_size > 0, "model.patch_size must be positive")
-    _require(d.image_size > 0 and d.image_size % m.patch_size == 0,
-             f"data.image_size {d.image_size} must be a positive multiple of model.patch_size "
-             f"{m.patch_size} (e.g. patch 4 or 7 for 28 px, 4 for 32 px, 16 for 224 px)")
+    _require(
+        d.image_size > 0 and d.image_size % m.patch_size == 0,
+        f"data.image_size {d.image_size} must be a positive multiple of model.patch_size "
+        f"{m.patch_size} (e.g. patch 4 or 7 for 28 px, 4 for 32 px, 16 for 224 px)",
+    )
     _require(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate must be in [0, 1)")
     _require(m.proj_layers >= 1 and m.pred_layers >= 0, "model.proj_layers >= 1, pred_layers >= 0")
     _require(min(m.proj_hidden_dim, m.pred_hidden_dim, m.out_dim) > 0, "head widths must be > 0")
     _require(d.channels in (None, 1, 3), "data.channels must be 1, 3 or null")
     _require(d.subset is None or d.subset >= 2, "data.subset must be at least 2 images")
     lo, hi = a.crop_scale
-    _require(0.0 < lo <= hi <= 1.0, f"augment.crop_scale {a.crop_scale} must satisfy 0 < min <= max <= 1")
+    _require(
+        0.0 < lo <= hi <= 1.0, f"augment.crop_scale {a.crop_scale} must satisfy 0 < min <= max <= 1"
+    )
     _require(0.0 < a.crop_ratio[0] <= a.crop_ratio[1], "augment.crop_ratio must be increasing > 0")
     for name in ("flip_p", "jitter_p", "grayscale_p"):
         value = getattr(a, name)
@@ -356,14 +373,23 @@ def validate(config: Config) -> None:
     _require(0.0 <= mc.momentum <= 1.0, f"moco.momentum {mc.momentum} must be in [0, 1]")
     _require(mc.temperature > 0, f"moco.temperature {mc.temperature} must be positive")
     _require(t.epochs > 0, f"train.epochs {t.epochs} must be positive")
-    _require(o.warmup_epochs <= t.epochs,
-             f"optim.warmup_epochs {o.warmup_epochs} exceeds train.epochs {t.epochs}")
-    _require(t.batch_size >= 2, f"train.batch_size {t.batch_size} must be at least 2 "
-             "(the other images of the batch are the negatives)")
-    _require(t.precision in ("bf16", "fp32", "fp16"),
-             f"train.precision '{t.precision}' must be bf16, fp32 or fp16")
-    _require(t.log_every >= 1 and t.checkpoint_every >= 1 and t.plot_every >= 1,
-             "train.log_every, checkpoint_every and plot_every must be >= 1")
+    _require(
+        o.warmup_epochs <= t.epochs,
+        f"optim.warmup_epochs {o.warmup_epochs} exceeds train.epochs {t.epochs}",
+    )
+    _require(
+        t.batch_size >= 2,
+        f"train.batch_size {t.batch_size} must be at least 2 "
+        "(the other images of the batch are the negatives)",
+    )
+    _require(
+        t.precision in ("auto", "bf16", "fp32", "fp16"),
+        f"train.precision '{t.precision}' must be auto, bf16, fp32 or fp16",
+    )
+    _require(
+        t.log_every >= 1 and t.checkpoint_every >= 1 and t.plot_every >= 1,
+        "train.log_every, checkpoint_every and plot_every must be >= 1",
+    )
     _require(len(e.knn_k) >= 1 and all(k >= 1 for k in e.knn_k), "eval.knn_k must be positive")
     _require(e.knn_temperature > 0, "eval.knn_temperature must be positive")
     _require(e.batch_size >= 1, "eval.batch_size must be >= 1")

@@ -46,8 +46,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         axis.set_title(f"{label} per step")
         axis.grid(alpha=0.3)
         written.append(_save(figure, run_dir / f"{key}.png"))
-    knn_keys = sorted({k for r in records if r.get("kind") == "knn" for k in r
-                       if k.startswith("knn_top1_k")})
+    knn_keys = sorted(
+        {k for r in records if r.get("kind") == "knn" for k in r if k.startswith("knn_top1_k")}
+    )
     if knn_keys:
         figure, axis = plt.subplots(figsize=(6, 3.5))
         for key in knn_keys:

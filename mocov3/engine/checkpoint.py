@@ -55,7 +55,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({first[:160]})") from None
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable or truncated ({first[:160]})"
+        ) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not a mocov3 checkpoint (no 'model'/'config' entries)")
     return state

@@ -14,7 +14,9 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, config: OptimConfig, device: torch.device
+) -> torch.optim.Optimizer:
     # The reference applies weight decay to every trainable ViT tensor, biases and norms
     # included; we keep that. Fused AdamW is exact and faster on CUDA.
     fused = device.type == "cuda"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,13 @@ import torch
 from mocov3 import __version__
 from mocov3.config import Config
 from mocov3.data.augment import TwoViewAugment, sample_keys
-from mocov3.data.datasets import ImageDataset, load_split
+from mocov3.data.datasets import ImageDataset, has_test_split, load_split
 from mocov3.engine.checkpoint import save_checkpoint
 from mocov3.engine.logging import MetricsLog, Progress
 from mocov3.engine.optim import build_optimizer
+from mocov3.engine.precision import autocast_context, resolve_precision
 from mocov3.engine.schedules import momentum_cosine, scaled_lr, warmup_cosine
-from mocov3.eval.knn import autocast_context, extract_features, knn_accuracy
+from mocov3.eval.knn import extract_features, knn_accuracy
 from mocov3.models.moco import MoCo, build_moco
 from mocov3.plots import plot_run
 
@@ -93,36 +95,51 @@ def evaluate_knn(
     test_set: ImageDataset,
     config: Config,
     device: torch.device,
+    raw_pixels: bool = False,
 ) -> dict[str, float]:
-    """Weighted kNN top-1 (%) for every k in ``config.eval.knn_k``: train split as memory."""
+    """Weighted kNN top-1 (%) for every k in ``config.eval.knn_k``: train split as memory.
+
+    ``raw_pixels``: the baseline on pixel values in [0, 1] (pass ``nn.Flatten()`` as the
+    backbone); no standardisation, which would change the cosine similarities.
+    """
     ev = config.eval
     memory = train_set.subset(ev.train_subset) if ev.train_subset else train_set
     queries = test_set.subset(ev.test_subset) if ev.test_subset else test_set
-    args = (train_set.mean, train_set.std, device, ev.batch_size, config.train.precision)
+    channels = train_set.channels
+    mean, std = (
+        ((0.0,) * channels, (1.0,) * channels) if raw_pixels else (train_set.mean, train_set.std)
+    )
+    args = (mean, std, device, ev.batch_size, config.train.precision)
     train_features = extract_features(backbone, memory.images, *args)
     test_features = extract_features(backbone, queries.images, *args)
     accuracy = knn_accuracy(
-        train_features, memory.labels, test_features, queries.labels,
-        ev.knn_k, ev.knn_temperature,
+        train_features,
+        memory.labels,
+        test_features,
+        queries.labels,
+        ev.knn_k,
+        ev.knn_temperature,
     )
     results = {f"knn_top1_k{k}": round(value, 2) for k, value in accuracy.items()}
     results["knn_top1"] = results[f"knn_top1_k{ev.knn_k[0]}"]
+    results.update(train_images=len(memory), test_images=len(queries))
     return results
 
 
-def load_data(config: Config) -> tuple[ImageDataset, ImageDataset | None]:
+def load_data(config: Config, with_test: bool = True) -> tuple[ImageDataset, ImageDataset | None]:
+    """The training split (``data.subset`` applied) and, when labelled, the test split."""
     d = config.data
     common = dict(
-        data_dir=d.data_dir, image_size=d.image_size, channels=d.channels,
-        synthetic_size=d.synthetic_size, seed=config.train.seed,
+        data_dir=d.data_dir,
+        image_size=d.image_size,
+        synthetic_size=d.synthetic_size,
+        seed=config.train.seed,
     )
-    train_set = load_split(d.name, "train", **common)
-    if d.subset:
-        train_set = train_set.subset(d.subset)
-    needs_test = config.eval.knn_init or config.eval.knn_final
+    train_set = load_split(d.name, "train", channels=d.channels, subset=d.subset, **common)
     test_set = None
-    if needs_test and train_set.labels is not None:
-        test_set = load_split(d.name, "test", **common)
+    if with_test and train_set.labels is not None and has_test_split(d.name):
+        # the test split takes the train split's channel count so features are comparable
+        test_set = load_split(d.name, "test", channels=train_set.channels, **common)
     return train_set, test_set
 
 
@@ -134,10 +151,18 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.device = resolve_device(config.train.device)
         check_precision(config.train.precision, self.device)
+        # resolved once, stored in the run's config.yaml so the run says what it used
+        config.train.precision = resolve_precision(config.train.precision, self.device)
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
         seed_everything(config.train.seed)
-        self.train_set, self.test_set = load_data(config)
+        evaluates = config.eval.knn_init or config.eval.knn_final
+        self.train_set, self.test_set = load_data(config, with_test=evaluates)
+        if evaluates and self.test_set is None:
+            print(
+                "note: no labelled val/ or test/ split, so kNN evaluation is skipped",
+                file=sys.stderr,
+            )
         self.schedules = build_schedules(config, len(self.train_set))
         self.model: MoCo = build_moco(config, self.train_set.channels).to(self.device)
         self.optimizer = build_optimizer(self.model, config.optim, self.device)
@@ -198,8 +223,9 @@ class Trainer:
     def knn(self) -> dict[str, float] | None:
         if self.test_set is None:
             return None
-        return evaluate_knn(self.model.backbone, self.train_set, self.test_set, self.config,
-                            self.device)
+        return evaluate_knn(
+            self.model.backbone, self.train_set, self.test_set, self.config, self.device
+        )
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
@@ -252,7 +278,8 @@ class Trainer:
             window = (window + [elapsed])[-20:]
             per_step = sum(window) / len(window)
             values = {
-                "loss": loss, "lr": float(self.schedules.lr[self.step]),
+                "loss": loss,
+                "lr": float(self.schedules.lr[self.step]),
                 "momentum": float(self.schedules.momentum[self.step]),
                 "images_per_second": batch / per_step,
             }

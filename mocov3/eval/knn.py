@@ -8,19 +8,12 @@ index). The paper's kNN monitor uses k = 20 or 200 and T = 0.07.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast on CPU or CUDA, fp16 on CUDA only; fp32 means no autocast."""
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+from mocov3.engine.precision import autocast_context
 
 
 def normalize_images(
@@ -94,5 +87,7 @@ def knn_accuracy(
 ) -> dict[int, float]:
     """Top-1 accuracy in percent for each k."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    predicted = knn_predict(train_features, train_labels, test_features, ks, temperature, num_classes)
+    predicted = knn_predict(
+        train_features, train_labels, test_features, ks, temperature, num_classes
+    )
     return {k: 100.0 * (p == test_labels).float().mean().item() for k, p in predicted.items()}

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mocov3.config import Config, ConfigError, resolve_model_dims
+from mocov3.engine.checkpoint import CheckpointError
 from mocov3.losses import contrastive_loss
 from mocov3.models.heads import build_mlp
 from mocov3.models.vit import VisionTransformer
@@ -136,3 +137,14 @@ def build_moco(config: Config, in_chans: int) -> MoCo:
     else:
         predictor = nn.Identity()
     return MoCo(backbone, projector, predictor, config.moco.temperature, config.moco.concat_views)
+
+
+def load_model_state(model: nn.Module, state_dict: dict, source: object) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error instead of torch's key dump."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+        raise CheckpointError(
+            f"checkpoint {source} does not match the model its config describes ({first[:160]})"
+        ) from None

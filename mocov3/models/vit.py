@@ -21,7 +21,9 @@ from torch import nn
 LAYER_NORM_EPS = 1e-6
 
 
-def sincos_position_table(grid_size: int, embed_dim: int, temperature: float = 10000.0) -> torch.Tensor:
+def sincos_position_table(
+    grid_size: int, embed_dim: int, temperature: float = 10000.0
+) -> torch.Tensor:
     """The paper's fixed 2-D sin-cos table, ``[1, 1 + grid_size**2, embed_dim]``.
 
     ``embed_dim / 4`` frequencies for each of sin/cos along each axis; the class token's
@@ -36,9 +38,7 @@ def sincos_position_table(grid_size: int, embed_dim: int, temperature: float = 1
     omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)
     angles_a = first_axis.flatten()[:, None] * omega[None, :]
     angles_b = second_axis.flatten()[:, None] * omega[None, :]
-    table = torch.cat(
-        [angles_a.sin(), angles_a.cos(), angles_b.sin(), angles_b.cos()], dim=1
-    )
+    table = torch.cat([angles_a.sin(), angles_a.cos(), angles_b.sin(), angles_b.cos()], dim=1)
     class_row = torch.zeros(1, embed_dim)
     return torch.cat([class_row, table], dim=0)[None]
 

@@ -22,14 +22,27 @@ def _model(**overrides):
 def test_heads_match_paper_structure():
     projector = build_mlp(3, 384, 4096, 256)
     kinds = [type(m).__name__ for m in projector]
-    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU",
-                     "Linear", "BatchNorm1d"]
+    assert kinds == [
+        "Linear",
+        "BatchNorm1d",
+        "ReLU",
+        "Linear",
+        "BatchNorm1d",
+        "ReLU",
+        "Linear",
+        "BatchNorm1d",
+    ]
     assert all(m.bias is None for m in projector if isinstance(m, nn.Linear))
     assert [m.affine for m in projector if isinstance(m, nn.BatchNorm1d)] == [True, True, False]
     assert projector[0].in_features == 384 and projector[-2].out_features == 256
     predictor = build_mlp(2, 256, 4096, 256)
-    assert [type(m).__name__ for m in predictor] == ["Linear", "BatchNorm1d", "ReLU", "Linear",
-                                                     "BatchNorm1d"]
+    assert [type(m).__name__ for m in predictor] == [
+        "Linear",
+        "BatchNorm1d",
+        "ReLU",
+        "Linear",
+        "BatchNorm1d",
+    ]
     assert predictor[-1].affine is False
     no_last_bn = build_mlp(2, 256, 4096, 256, last_bn=False)  # ResNet predictor
     assert isinstance(no_last_bn[-1], nn.Linear)
@@ -38,7 +51,8 @@ def test_heads_match_paper_structure():
 def _views(batch=8):
     generator = torch.Generator().manual_seed(1)
     return torch.randn(batch, 1, 28, 28, generator=generator), torch.randn(
-        batch, 1, 28, 28, generator=generator)
+        batch, 1, 28, 28, generator=generator
+    )
 
 
 def test_gradients_reach_only_the_query_side():
@@ -80,8 +94,10 @@ def test_momentum_encoder_changes_only_by_the_ema():
     optimizer.step()
     for name, key in model.momentum_backbone.named_parameters():
         assert torch.equal(key, after_forward[name]), name
-    assert all(p not in {id(q) for q in optimizer.param_groups[0]["params"]}
-               for p in map(id, model.momentum_parameters()))
+    assert all(
+        p not in {id(q) for q in optimizer.param_groups[0]["params"]}
+        for p in map(id, model.momentum_parameters())
+    )
 
 
 def test_frozen_patch_projection_and_sincos_table_bit_identical_after_steps():
@@ -145,5 +161,6 @@ def test_concatenated_views_equal_per_view():
     loss_split.backward()
     torch.testing.assert_close(loss_concat, loss_split, atol=1e-5, rtol=1e-5)
     for name, grad in grads_concat.items():
-        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad,
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            grad, dict(model.named_parameters())[name].grad, atol=1e-5, rtol=1e-4
+        )

@@ -10,11 +10,25 @@ from mocov3.models.vit import VisionTransformer, sincos_position_table
 
 
 def _pair(pos_embed: str, img_size: int = 32, patch: int = 4, in_chans: int = 3):
-    ours = VisionTransformer(img_size=img_size, patch_size=patch, in_chans=in_chans,
-                             embed_dim=96, depth=3, num_heads=12, pos_embed=pos_embed)
+    ours = VisionTransformer(
+        img_size=img_size,
+        patch_size=patch,
+        in_chans=in_chans,
+        embed_dim=96,
+        depth=3,
+        num_heads=12,
+        pos_embed=pos_embed,
+    )
     theirs = timm.create_model(
-        "vit_small_patch16_224", pretrained=False, img_size=img_size, patch_size=patch,
-        in_chans=in_chans, embed_dim=96, depth=3, num_heads=12, num_classes=0,
+        "vit_small_patch16_224",
+        pretrained=False,
+        img_size=img_size,
+        patch_size=patch,
+        in_chans=in_chans,
+        embed_dim=96,
+        depth=3,
+        num_heads=12,
+        num_classes=0,
         pos_embed="none" if pos_embed == "none" else "learn",
     )
     return ours, theirs
@@ -58,15 +72,22 @@ def test_sincos_table_values_by_hand():
     for r in range(grid):
         for c in range(grid):
             row = table[0, 1 + r * grid + c]
-            expected = torch.cat([torch.sin(r * omega), torch.cos(r * omega),
-                                  torch.sin(c * omega), torch.cos(c * omega)])
+            expected = torch.cat(
+                [
+                    torch.sin(r * omega),
+                    torch.cos(r * omega),
+                    torch.sin(c * omega),
+                    torch.cos(c * omega),
+                ]
+            )
             torch.testing.assert_close(row, expected)
 
 
 def test_moco_init_bounds():
     torch.manual_seed(0)
-    vit = VisionTransformer(img_size=32, patch_size=4, in_chans=3, embed_dim=64, depth=2,
-                            num_heads=4)
+    vit = VisionTransformer(
+        img_size=32, patch_size=4, in_chans=3, embed_dim=64, depth=2, num_heads=4
+    )
     qkv = vit.blocks[0].attn.qkv.weight
     bound = math.sqrt(6.0 / (64 + 64))  # qkv treated as three 64x64 matrices
     assert qkv.abs().max() <= bound and qkv.abs().max() > 0.9 * bound
@@ -82,8 +103,9 @@ def test_moco_init_bounds():
 
 
 def test_any_image_and_patch_size():
-    vit = VisionTransformer(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1,
-                            num_heads=2)
+    vit = VisionTransformer(
+        img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_heads=2
+    )
     assert vit(torch.randn(2, 1, 28, 28)).shape == (2, 32)
     assert vit.pos_embed.shape == (1, 17, 32)
     with pytest.raises(ValueError, match="multiple"):
