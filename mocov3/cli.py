@@ -4,12 +4,13 @@ can fix are printed as one line (``error: ...``) with exit status 2, never a tra
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mocov3.config import ConfigError, apply_overrides, config_from_dict, load_config
+from mocov3.config import ConfigError, load_config
 from mocov3.data.datasets import DatasetError
 from mocov3.engine.checkpoint import CheckpointError
 
@@ -50,9 +51,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_knn(args: argparse.Namespace) -> int:
     from torch import nn
 
-    from mocov3.engine.checkpoint import load_checkpoint
     from mocov3.engine.train import evaluate_knn, load_data, resolve_device
-    from mocov3.models.moco import build_moco, load_model_state
+    from mocov3.eval.common import open_checkpoint
 
     overrides = [*_data_overrides(args), *args.set]
     if args.k:
@@ -63,11 +63,8 @@ def cmd_knn(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides)
         backbone: nn.Module = nn.Flatten()
     else:
-        state = load_checkpoint(args.checkpoint)
-        config = apply_overrides(config_from_dict(state["config"]), overrides)
-        model = build_moco(config, int(state["in_chans"]))
-        load_model_state(model, state["model"], args.checkpoint)
-        backbone = model.backbone if args.encoder == "query" else model.momentum_backbone
+        run = open_checkpoint(args.checkpoint, overrides)
+        config, backbone = run.config, run.backbone(args.encoder)
     device = resolve_device(args.device or config.train.device)
     train_set, test_set = load_data(config)
     if test_set is None:
@@ -120,8 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(knn)
     knn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     knn.set_defaults(handler=cmd_knn)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(commands)
     return parser
 
+
+# Evaluation commands live beside their code; each module's register(subparsers) adds its
+# sub-command with a handler.
+COMMAND_MODULES = ("mocov3.eval.linear", "mocov3.eval.finetune", "mocov3.eval.embed",
+                   "mocov3.report")
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetError, CheckpointError)
 

@@ -120,6 +120,8 @@ class EvalConfig:
     batch_size: int = 512
     train_subset: int | None = None  # memory bank size (None: the whole train split)
     test_subset: int | None = None
+    monitor_every: int = 0  # steps between kNN monitor evaluations during training (0: off)
+    monitor_images: int | None = None  # memory + queries of the monitor (None: ~5% of time)
 
 
 @dataclass
@@ -393,3 +395,6 @@ def validate(config: Config) -> None:
     _require(len(e.knn_k) >= 1 and all(k >= 1 for k in e.knn_k), "eval.knn_k must be positive")
     _require(e.knn_temperature > 0, "eval.knn_temperature must be positive")
     _require(e.batch_size >= 1, "eval.batch_size must be >= 1")
+    _require(e.monitor_every >= 0, "eval.monitor_every must be >= 0 (0 turns it off)")
+    _require(e.monitor_images is None or e.monitor_images >= 100,
+             "eval.monitor_images must be at least 100")

@@ -46,18 +46,32 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         axis.set_title(f"{label} per step")
         axis.grid(alpha=0.3)
         written.append(_save(figure, run_dir / f"{key}.png"))
-    knn_keys = sorted(
-        {k for r in records if r.get("kind") == "knn" for k in r if k.startswith("knn_top1_k")}
-    )
-    if knn_keys:
-        figure, axis = plt.subplots(figsize=(6, 3.5))
-        for key in knn_keys:
-            xs, ys = _series(records, "knn", key)
-            axis.plot(xs, ys, marker="o", lw=1.2, label=key.replace("knn_top1_", ""))
-        axis.set_xlabel("step")
-        axis.set_ylabel("kNN top-1 (%)")
-        axis.set_title("weighted kNN accuracy on the test split")
-        axis.legend()
-        axis.grid(alpha=0.3)
-        written.append(_save(figure, run_dir / "knn.png"))
+    knn_path = _plot_knn(records, run_dir / "knn.png")
+    if knn_path is not None:
+        written.append(knn_path)
     return written
+
+
+def _knn_keys(records: list[dict], kind: str) -> list[str]:
+    found = {k for r in records if r.get("kind") == kind for k in r if k.startswith("knn_top1_k")}
+    return sorted(found, key=lambda k: int(k.removeprefix("knn_top1_k")))
+
+
+def _plot_knn(records: list[dict], path: Path) -> Path | None:
+    """Full-split kNN (init, final) as markers; the in-training monitor (a subset) as lines."""
+    full, monitor = _knn_keys(records, "knn"), _knn_keys(records, "knn_monitor")
+    if not full and not monitor:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for index, key in enumerate(full):
+        xs, ys = _series(records, "knn", key)
+        axis.plot(xs, ys, "o", color=f"C{index}", label=f"{key[9:]} full split")
+    for index, key in enumerate(monitor):
+        xs, ys = _series(records, "knn_monitor", key)
+        axis.plot(xs, ys, "-", lw=1.2, color=f"C{index}", alpha=0.8, label=f"{key[9:]} monitor")
+    axis.set_xlabel("step")
+    axis.set_ylabel("kNN top-1 (%)")
+    axis.set_title("weighted kNN accuracy on the test split")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    return _save(figure, path)

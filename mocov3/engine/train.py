@@ -96,15 +96,18 @@ def evaluate_knn(
     config: Config,
     device: torch.device,
     raw_pixels: bool = False,
+    sizes: tuple[int | None, int | None] | None = None,
 ) -> dict[str, float]:
     """Weighted kNN top-1 (%) for every k in ``config.eval.knn_k``: train split as memory.
 
     ``raw_pixels``: the baseline on pixel values in [0, 1] (pass ``nn.Flatten()`` as the
     backbone); no standardisation, which would change the cosine similarities.
+    ``sizes``: (memory, queries) subset sizes; default ``eval.train_subset/test_subset``.
     """
     ev = config.eval
-    memory = train_set.subset(ev.train_subset) if ev.train_subset else train_set
-    queries = test_set.subset(ev.test_subset) if ev.test_subset else test_set
+    memory_size, query_size = sizes or (ev.train_subset, ev.test_subset)
+    memory = train_set.subset(memory_size) if memory_size else train_set
+    queries = test_set.subset(query_size) if query_size else test_set
     channels = train_set.channels
     mean, std = (
         ((0.0,) * channels, (1.0,) * channels) if raw_pixels else (train_set.mean, train_set.std)
@@ -220,12 +223,37 @@ class Trainer:
             "version": __version__,
         }
 
-    def knn(self) -> dict[str, float] | None:
+    def knn(self, sizes: tuple[int | None, int | None] | None = None) -> dict[str, float] | None:
         if self.test_set is None:
             return None
         return evaluate_knn(
-            self.model.backbone, self.train_set, self.test_set, self.config, self.device
+            self.model.backbone, self.train_set, self.test_set, self.config, self.device,
+            sizes=sizes,
         )
+
+    def monitor_sizes(self) -> tuple[int, int]:
+        """(memory, queries) of the in-training kNN monitor. Unless set, sized so that its
+        cost stays near 5% of training: a forward-only pass costs about 1/8 of a training
+        image (two views, forward+backward of the query side, forward of the momentum side),
+        so memory + queries <= 0.05 * 8 * monitor_every * batch, split 4:1."""
+        ev = self.config.eval
+        if ev.monitor_images:
+            total = ev.monitor_images
+        else:
+            total = int(0.4 * ev.monitor_every * self.config.train.batch_size)
+        total = max(total, 100)
+        return min(total * 4 // 5, len(self.train_set)), max(total // 5, 20)
+
+    def monitor(self, log: MetricsLog) -> dict[str, float] | None:
+        """kNN on a subset every ``eval.monitor_every`` steps (not at the last step, which
+        gets the full-split evaluation)."""
+        every = self.config.eval.monitor_every
+        if not every or self.step % every or self.step == self.schedules.total_steps:
+            return None
+        result = self.knn(self.monitor_sizes())
+        if result is not None:
+            log.log("knn_monitor", self.step, **result)
+        return result
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
@@ -258,6 +286,9 @@ class Trainer:
             final_loss=round(loss, 5),
             steps=self.schedules.total_steps,
         )
+        if self.config.eval.monitor_every:
+            results["knn_monitor_seconds"] = round(self.monitor_seconds, 1)
+            results["knn_monitor_share"] = round(self.monitor_seconds / train_seconds, 4)
         if self.config.eval.knn_final and (final := self.knn()) is not None:
             log.log("knn", self.step, **final)
             progress.message(f"kNN after training: {final}")
@@ -270,6 +301,7 @@ class Trainer:
         batch = self.config.train.batch_size
         self.model.train()
         train_seconds, loss, window = 0.0, math.nan, []
+        monitor_seconds, last_knn = 0.0, None
         while self.step < self.schedules.total_steps:
             tic = time.perf_counter()
             loss = self.train_step(self.step)
@@ -285,9 +317,17 @@ class Trainer:
             }
             if (self.step + 1) % self.config.train.log_every == 0 or self.step == 0:
                 log.log("train", self.step + 1, epoch=(self.step + 1) / spe, **values)
-            progress.update(self.step, _progress_fields(values, self.step, spe), per_step)
+            fields = _progress_fields(values, self.step, spe)
+            if last_knn is not None:
+                fields["knn"] = f"{last_knn:.1f}"
+            progress.update(self.step, fields, per_step)
             self.step += 1
             self._maybe_checkpoint(log)
+            tic = time.perf_counter()
+            if (result := self.monitor(log)) is not None:
+                last_knn = result["knn_top1"]
+                monitor_seconds += time.perf_counter() - tic
+        self.monitor_seconds = monitor_seconds
         return train_seconds, loss
 
     def _maybe_checkpoint(self, log: MetricsLog) -> None:

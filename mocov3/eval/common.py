@@ -1,0 +1,61 @@
+"""What every evaluation command shares: a backbone from a checkpoint, and the data it
+was trained on (overridable), so each command is a few lines on top."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mocov3.config import Config, apply_overrides, config_from_dict
+from mocov3.engine.checkpoint import load_checkpoint
+from mocov3.models.moco import MoCo, build_moco, load_model_state
+
+
+@dataclass
+class LoadedRun:
+    """A checkpoint opened for evaluation."""
+
+    model: MoCo
+    config: Config
+    state: dict[str, Any]
+    path: Path
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory the checkpoint lives in (results are written beside it)."""
+        return self.path.parent if self.path.is_file() else self.path
+
+    def backbone(self, encoder: str = "query") -> nn.Module:
+        """The query (default) or momentum backbone, in eval mode."""
+        if encoder not in ("query", "momentum"):
+            raise ValueError(f"encoder must be query or momentum, got {encoder!r}")
+        chosen = self.model.backbone if encoder == "query" else self.model.momentum_backbone
+        return chosen.eval()
+
+
+def open_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRun:
+    """Load a checkpoint (weights_only), rebuild its model from its own config, apply
+    ``key=value`` overrides (e.g. ``data.name=...``) to the config."""
+    path = Path(path)
+    state = load_checkpoint(path)
+    config = apply_overrides(config_from_dict(state["config"]), list(overrides))
+    model = build_moco(config, int(state["in_chans"]))
+    load_model_state(model, state["model"], path)
+    return LoadedRun(model=model, config=config, state=state, path=path)
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter and buffer, to prove later that nothing changed."""
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def unchanged(module: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    """True when every tensor of ``module`` equals its snapshot bit for bit."""
+    after = module.state_dict()
+    return after.keys() == before.keys() and all(
+        torch.equal(after[name].detach().cpu(), before[name].cpu()) for name in before
+    )

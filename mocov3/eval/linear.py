@@ -1,0 +1,492 @@
+"""Linear probing of a frozen backbone (MoCo v3 protocol, with an lr sweep in one pass).
+
+The backbone stays frozen in eval mode. By default its features are computed once and
+cached (the probe without augmentation), so training the classifier costs next to nothing
+and several classifiers, one per learning rate, are trained side by side on the same
+batches: the weights are one ``[L, D, C]`` tensor, the loss is the sum of the L per-classifier
+mean cross-entropies (so each classifier gets exactly its own gradient), and each gets its
+own lr in the SGD update.
+
+Recipe (paper, Sec. 4 and its reference ``main_lincls.py``): SGD with momentum 0.9, weight
+decay 0, 90 epochs, batch 1024, cosine lr decay to 0 (here per iteration), lr given as a base
+lr scaled by batch / 256 (the paper's ViT probe uses base lr ~3 without BatchNorm). A
+parameter-free BatchNorm (``BatchNorm1d(affine=False)``: standardise with batch statistics
+while training, running statistics at evaluation) sits before the classifier by default, as
+MAE's probe does; it makes the probe far less sensitive to the lr. All classifiers see the
+same features, so their BatchNorms would be identical: one is shared.
+
+Model selection is honest: a seeded ``val_fraction`` of the training split is held out, the
+lr is chosen on it alone, and the test split is evaluated once, with the chosen classifier.
+The chosen classifier is *not* retrained on train + val (it is reported as trained on the
+train part only). Afterwards the command checks that no backbone tensor changed.
+
+``--augmented`` is the reference probe: every epoch the training features are recomputed
+from RandomResizedCrop (scale 0.08-1) + horizontal-flip views of the training images, the
+backbone still frozen in eval mode under ``no_grad``. That is one backbone pass over the
+training set per epoch: meant for GPUs, slow on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mocov3.data.augment import counter_uniform, resized_crop_flip, sample_crop_boxes, sample_keys
+from mocov3.engine.precision import autocast_context
+
+MOMENTUM = 0.9
+INIT_STD = 0.01  # the reference initialises the classifier weight with N(0, 0.01), bias 0
+DEFAULT_LRS_BN = (0.03, 0.1, 0.3, 1.0, 3.0)  # base lrs (x batch / 256) with the BatchNorm
+DEFAULT_LRS_NO_BN = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # base lrs without it
+AUG_SCALE = (0.08, 1.0)  # RandomResizedCrop of the reference probe
+AUG_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+_AUG_FLIP_STREAM = 32  # counter stream of the flip decision (crop boxes use streams 0..21)
+
+
+# ----------------------------------------------------------------------------- classifiers
+
+
+@dataclass
+class LinearProbes:
+    """L trained linear classifiers (one per lr) behind one shared parameter-free BatchNorm."""
+
+    weight: torch.Tensor  # [L, D, C]
+    bias: torch.Tensor  # [L, C]
+    lrs: tuple[float, ...]
+    bn: nn.BatchNorm1d | None  # affine=False; in eval mode: running statistics
+
+    @torch.no_grad()
+    def logits(self, features: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        """``[L, N, C]`` logits of every classifier, or ``[N, C]`` of classifier ``index``."""
+        x = features.float()
+        if self.bn is not None:
+            self.bn.eval()
+            x = self.bn(x)
+        if index is not None:
+            return x @ self.weight[index] + self.bias[index]
+        return torch.einsum("nd,ldc->lnc", x, self.weight) + self.bias[:, None, :]
+
+    def accuracy(
+        self, features: torch.Tensor, labels: torch.Tensor, index: int | None = None
+    ) -> torch.Tensor:
+        """Top-1 in percent: ``[L]`` for all classifiers, a 0-d tensor for ``index``."""
+        predicted = self.logits(features, index).argmax(dim=-1)
+        return 100.0 * (predicted == labels).float().mean(dim=-1)
+
+
+def init_classifier(dim: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The initial ``[D, C]`` weight (N(0, 0.01) from a generator seeded with ``seed``, drawn
+    first) and zero ``[C]`` bias. Every classifier of a sweep starts from this same point."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(dim, num_classes, generator=generator) * INIT_STD
+    return weight, torch.zeros(num_classes)
+
+
+def _batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Consecutive batches of ``order``; a last batch of one sample (BatchNorm cannot
+    standardise it) is dropped."""
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches.pop()
+    return batches
+
+
+def train_linear_probes(
+    train_x: torch.Tensor | Callable[[int], torch.Tensor],
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    num_classes: int,
+    lrs: Sequence[float],
+    epochs: int = 90,
+    batch_size: int = 1024,
+    weight_decay: float = 0.0,
+    batchnorm: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train ``len(lrs)`` linear classifiers side by side in one pass; validate each.
+
+    ``lrs`` are the actual peak learning rates (no batch scaling here). ``train_x`` is the
+    cached ``[N, D]`` feature tensor, or a callable ``epoch -> [N, D]`` for the augmented probe.
+    SGD with momentum 0.9 and ``weight_decay`` on weight and bias (as ``torch.optim.SGD`` on
+    the reference's ``nn.Linear``), the lr decaying per iteration as ``lr * 0.5 * (1 +
+    cos(pi * t / T))``. Randomness: one generator seeded with ``seed`` draws the initial weight
+    (:func:`init_classifier`), then one ``randperm`` per epoch; batches are consecutive slices
+    of it, a trailing single sample being dropped.
+
+    Returns ``{"val_top1": [L] list (percent; 0 for a classifier that diverged), "diverged":
+    [L] list of bools, "probes": LinearProbes}``.
+    """
+    lrs = tuple(float(lr) for lr in lrs)
+    if not lrs or any(not math.isfinite(lr) or lr <= 0 for lr in lrs):
+        raise ValueError(f"lrs must be positive numbers, got {lrs}")
+    if epochs < 1 or batch_size < 2:
+        raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {epochs}, {batch_size}")
+    n = int(train_y.shape[0])
+    if n < 2:
+        raise ValueError("linear probing needs at least 2 training samples")
+    features_of = train_x if callable(train_x) else (lambda epoch: train_x)
+    features = features_of(0)
+    dim = int(features.shape[1])
+
+    generator = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(dim, num_classes, generator=generator) * INIT_STD
+    count = len(lrs)
+    weight = w0.expand(count, dim, num_classes).clone().requires_grad_(True)
+    bias = torch.zeros(count, num_classes, requires_grad=True)
+    buffers = [torch.zeros_like(weight), torch.zeros_like(bias)]
+    bn = nn.BatchNorm1d(dim, affine=False) if batchnorm else None
+    peak = torch.tensor(lrs)
+
+    steps_per_epoch = len(_batches(torch.arange(n), batch_size))
+    total = epochs * steps_per_epoch
+    step = 0
+    for epoch in range(epochs):
+        if epoch > 0:
+            features = features_of(epoch)
+        order = torch.randperm(n, generator=generator)
+        if bn is not None:
+            bn.train()
+        for index in _batches(order, batch_size):
+            x = features[index].float()
+            if bn is not None:
+                x = bn(x)
+            logits = torch.einsum("nd,ldc->lnc", x, weight) + bias[:, None, :]
+            loss = F.cross_entropy(
+                logits.reshape(-1, num_classes), train_y[index].repeat(count), reduction="sum"
+            ) / len(index)
+            grads = torch.autograd.grad(loss, (weight, bias))
+            lr = peak * (0.5 * (1.0 + math.cos(math.pi * step / total)))
+            with torch.no_grad():
+                for param, grad, buf, shape in zip(
+                    (weight, bias), grads, buffers, ((-1, 1, 1), (-1, 1)), strict=True
+                ):
+                    if weight_decay:
+                        grad = grad.add(param, alpha=weight_decay)
+                    buf.mul_(MOMENTUM).add_(grad)
+                    param.sub_(lr.view(shape) * buf)
+            step += 1
+
+    probes = LinearProbes(weight.detach(), bias.detach(), lrs, bn)
+    diverged = [
+        not (bool(torch.isfinite(weight[i]).all()) and bool(torch.isfinite(bias[i]).all()))
+        for i in range(count)
+    ]
+    if len(val_y):
+        accuracy = probes.accuracy(val_x, val_y).tolist()
+        val_top1 = [0.0 if bad else acc for acc, bad in zip(accuracy, diverged, strict=True)]
+    else:
+        val_top1 = []
+    return {"val_top1": val_top1, "diverged": diverged, "probes": probes}
+
+
+def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random (train indices, val indices) of ``n`` samples, ``round(n * fraction)``
+    (at least 1 when the fraction is positive) going to val; both sorted."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = 0 if val_fraction == 0 else max(1, round(n * val_fraction))
+    if n - n_val < 2:
+        raise ValueError(f"{n} samples leave fewer than 2 to train on after the val split")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
+    return order[n_val:].sort().values, order[:n_val].sort().values
+
+
+def linear_probe(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    lrs: Sequence[float],
+    val_fraction: float = 0.1,
+    epochs: int = 90,
+    batch_size: int = 1024,
+    weight_decay: float = 0.0,
+    batchnorm: bool = True,
+    seed: int = 0,
+    num_classes: int | None = None,
+    augmented_features: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Sweep ``lrs`` (actual lrs), choose on a held-out val part, report test top-1 once.
+
+    A seeded ``val_fraction`` of the training samples (not stratified) is held out; the
+    classifiers train on the rest; the lr with the best val top-1 wins (ties: the first in
+    ``lrs``). Only that classifier is evaluated on the test split, once; it is not retrained
+    on train + val. ``val_fraction=0`` is allowed with a single lr (nothing to choose).
+
+    ``augmented_features(epoch, train_indices)``: features of augmented views of the given
+    training samples for that epoch (the augmented probe); the val part always uses the
+    clean ``train_feats``.
+
+    Returns ``{"linear_top1", "best_lr", "val_top1_per_lr": {lr: top1}, "val_top1",
+    "diverged_lrs", "train_samples", "val_samples", "probes"}`` (accuracies in percent).
+    """
+    lrs = tuple(float(lr) for lr in lrs)
+    if val_fraction == 0 and len(lrs) > 1:
+        raise ValueError("choosing among several lrs needs a val split (val_fraction > 0)")
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    train_idx, val_idx = split_train_val(len(train_labels), val_fraction, seed)
+    train_x: torch.Tensor | Callable[[int], torch.Tensor] = train_feats[train_idx]
+    if augmented_features is not None:
+        augment = augmented_features
+        train_x = lambda epoch: augment(epoch, train_idx)  # noqa: E731
+    sweep = train_linear_probes(
+        train_x,
+        train_labels[train_idx],
+        train_feats[val_idx],
+        train_labels[val_idx],
+        num_classes,
+        lrs,
+        epochs=epochs,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        batchnorm=batchnorm,
+        seed=seed,
+    )
+    val_top1 = sweep["val_top1"]
+    best = max(range(len(lrs)), key=lambda i: (val_top1[i], -i)) if val_top1 else 0
+    probes: LinearProbes = sweep["probes"]
+    test_top1 = probes.accuracy(test_feats, test_labels, index=best).item()  # the one time
+    return {
+        "linear_top1": test_top1,
+        "best_lr": lrs[best],
+        "val_top1_per_lr": dict(zip(lrs, val_top1, strict=True)) if val_top1 else {},
+        "val_top1": val_top1[best] if val_top1 else None,
+        "diverged_lrs": [lr for lr, bad in zip(lrs, sweep["diverged"], strict=True) if bad],
+        "train_samples": len(train_idx),
+        "val_samples": len(val_idx),
+        "probes": probes,
+    }
+
+
+# ----------------------------------------------------------------------------- features
+
+
+@torch.no_grad()
+def augmented_features(
+    backbone: nn.Module,
+    images: torch.Tensor,
+    indices: torch.Tensor,
+    epoch: int,
+    seed: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    batch_size: int = 512,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """Features of ``images[indices]`` after RandomResizedCrop (0.08-1) + flip (p 0.5).
+
+    The views depend only on (seed, epoch, index) (counter-based, as pretraining's); the
+    backbone is put in eval mode and run under ``no_grad``. float32 ``[len(indices), D]``
+    on the CPU.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    size = images.shape[-1]
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    chunks = []
+    try:
+        for chunk in indices.split(batch_size):
+            x = images[chunk].to(device).float() / 255.0
+            keys = sample_keys(seed, epoch, chunk).to(device)
+            boxes = sample_crop_boxes(keys, 0, x.shape[2], x.shape[3], AUG_SCALE, AUG_RATIO)
+            flip = counter_uniform(keys, _AUG_FLIP_STREAM) < 0.5
+            x = (resized_crop_flip(x, boxes, flip, size) - mean_t) / std_t
+            with autocast_context(device, precision):
+                chunks.append(backbone(x).float().cpu())
+    finally:
+        backbone.train(was_training)
+    return torch.cat(chunks)
+
+
+def probe_backbone(
+    backbone: nn.Module,
+    train_set: Any,
+    test_set: Any,
+    lrs: Sequence[float],
+    device: torch.device,
+    precision: str = "fp32",
+    feature_batch_size: int = 512,
+    augmented: bool = False,
+    **probe_kwargs: Any,
+) -> dict[str, Any]:
+    """Snapshot the backbone, extract features (eval mode), :func:`linear_probe`, then check
+    that no backbone tensor changed (``backbone_unchanged``). ``lrs`` are actual lrs."""
+    from mocov3.eval.common import snapshot, unchanged
+    from mocov3.eval.knn import extract_features
+
+    before = snapshot(backbone)
+    mean, std = train_set.mean, train_set.std
+    args = (mean, std, device, feature_batch_size, precision)
+    train_feats = extract_features(backbone, train_set.images, *args)
+    test_feats = extract_features(backbone, test_set.images, *args)
+    aug = None
+    if augmented:
+        seed = int(probe_kwargs.get("seed", 0))
+
+        def aug(epoch: int, indices: torch.Tensor) -> torch.Tensor:
+            return augmented_features(backbone, train_set.images, indices, epoch, seed, *args)
+
+    result = linear_probe(
+        train_feats,
+        train_set.labels,
+        test_feats,
+        test_set.labels,
+        lrs,
+        augmented_features=aug,
+        **probe_kwargs,
+    )
+    result["backbone_unchanged"] = unchanged(backbone, before)
+    return result
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def cmd_linear(args: argparse.Namespace) -> int:
+    from mocov3.cli import _data_overrides
+    from mocov3.config import ConfigError
+    from mocov3.data.datasets import DatasetError
+    from mocov3.engine.train import load_data, resolve_device
+    from mocov3.eval.common import open_checkpoint
+
+    started = time.perf_counter()
+    batchnorm = not args.no_batchnorm
+    base_lrs = tuple(args.lrs) if args.lrs else (DEFAULT_LRS_BN if batchnorm else DEFAULT_LRS_NO_BN)
+    if any(not math.isfinite(lr) or lr <= 0 for lr in base_lrs):
+        raise ConfigError(f"--lrs must be positive, got {list(base_lrs)}")
+    if len(set(base_lrs)) != len(base_lrs):
+        raise ConfigError(f"--lrs has repeated values: {list(base_lrs)}")
+    if args.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.batch_size < 2:
+        raise ConfigError(f"--batch-size must be >= 2, got {args.batch_size}")
+    if args.weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if not 0.0 <= args.val_fraction < 1.0 or (args.val_fraction == 0 and len(base_lrs) > 1):
+        raise ConfigError(
+            f"--val-fraction must be in (0, 1) (0 only with a single lr), got {args.val_fraction}"
+        )
+
+    run = open_checkpoint(args.checkpoint, [*_data_overrides(args), *args.set])
+    config = run.config
+    device = resolve_device(args.device or config.train.device)
+    precision = config.train.precision
+    if precision == "fp16" and device.type != "cuda":
+        precision = "auto"  # a GPU run's checkpoint evaluated on a CPU
+    train_set, test_set = load_data(config)
+    if train_set.labels is None or test_set is None:
+        raise DatasetError(
+            f"data '{config.data.name}' needs labelled train and test splits for linear probing"
+        )
+    if config.eval.test_subset:
+        test_set = test_set.subset(config.eval.test_subset)
+
+    scale = args.batch_size / 256.0  # the linear scaling rule: lr = base lr * batch / 256
+    backbone = run.backbone(args.encoder).to(device)
+    try:
+        result = probe_backbone(
+            backbone,
+            train_set,
+            test_set,
+            [lr * scale for lr in base_lrs],
+            device,
+            precision=precision,
+            feature_batch_size=config.eval.batch_size,
+            augmented=args.augmented,
+            val_fraction=args.val_fraction,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            weight_decay=args.weight_decay,
+            batchnorm=batchnorm,
+            seed=config.train.seed,
+            num_classes=max(len(train_set.classes), int(train_set.labels.max()) + 1),
+        )
+    except ValueError as error:  # e.g. too few samples for the val split
+        raise ConfigError(str(error)) from error
+    by_actual = dict(zip([lr * scale for lr in base_lrs], base_lrs, strict=True))
+    summary = {
+        "linear_top1": round(result["linear_top1"], 2),
+        "best_lr": by_actual[result["best_lr"]],
+        "lr_scale": scale,
+        "val_top1_per_lr": {
+            str(by_actual[lr]): round(acc, 2) for lr, acc in result["val_top1_per_lr"].items()
+        },
+        "diverged_lrs": [by_actual[lr] for lr in result["diverged_lrs"]],
+        "backbone_unchanged": result["backbone_unchanged"],
+        "encoder": args.encoder,
+        "batchnorm": batchnorm,
+        "augmented": args.augmented,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "weight_decay": args.weight_decay,
+        "train_images": result["train_samples"],
+        "val_images": result["val_samples"],
+        "test_images": len(test_set),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    line = json.dumps(summary)
+    (run.run_dir / "linear.json").write_text(line + "\n")
+    print(line)
+    if not summary["backbone_unchanged"]:
+        print("error: a backbone tensor changed during linear probing", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add the ``linear`` sub-command."""
+    from mocov3.cli import _add_data_args
+
+    parser = commands.add_parser(
+        "linear",
+        help="linear probe top-1 of a frozen checkpoint backbone (lr swept in one pass)",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt or its run directory")
+    _add_data_args(parser)
+    parser.add_argument("--encoder", choices=("query", "momentum"), default="query")
+    parser.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        help="base lrs to sweep, each scaled by batch/256 (default "
+        f"{' '.join(map(str, DEFAULT_LRS_BN))}; without BatchNorm "
+        f"{' '.join(map(str, DEFAULT_LRS_NO_BN))})",
+    )
+    parser.add_argument("--epochs", type=int, default=90)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument(
+        "--no-batchnorm",
+        action="store_true",
+        help="drop the parameter-free BatchNorm before the classifier (the paper's ViT probe)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="part of the train split held out to choose the lr (default 0.1)",
+    )
+    parser.add_argument(
+        "--augmented",
+        action="store_true",
+        help="recompute features every epoch from RandomResizedCrop + flip views "
+        "(the reference probe; for GPUs, slow on a CPU)",
+    )
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default train.device)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.set_defaults(handler=cmd_linear)

@@ -1,0 +1,199 @@
+"""Linear probe: accuracy on separable data, honest lr selection, side-by-side training
+equal to training alone (and to a plain torch loop), the CLI, and the backbone check."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mocov3.cli import main
+from mocov3.data.datasets import ImageDataset
+from mocov3.eval.common import open_checkpoint, snapshot, unchanged
+from mocov3.eval.linear import (
+    augmented_features,
+    linear_probe,
+    probe_backbone,
+    train_linear_probes,
+)
+
+
+def blobs(n: int, seed: int, classes: int = 4, dim: int = 16, spread: float = 0.5):
+    """Gaussian blobs around fixed, well separated class centres (the same for every seed)."""
+    centres = 3.0 * torch.randn(classes, dim, generator=torch.Generator().manual_seed(123))
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(classes, (n,), generator=generator)
+    return centres[labels] + spread * torch.randn(n, dim, generator=generator), labels
+
+
+def test_separable_blobs_are_classified_almost_perfectly():
+    train_x, train_y = blobs(800, seed=1)
+    test_x, test_y = blobs(400, seed=2)
+    result = linear_probe(train_x, train_y, test_x, test_y, lrs=[0.1, 1.0], epochs=20,
+                          batch_size=128)
+    assert result["linear_top1"] >= 99.0
+    assert result["val_top1"] >= 99.0
+    assert result["train_samples"] == 720 and result["val_samples"] == 80
+    assert set(result["val_top1_per_lr"]) == {0.1, 1.0}
+
+
+def test_lr_is_chosen_on_val_never_on_test():
+    train_x, train_y = blobs(600, seed=3)
+    test_x, test_y = blobs(300, seed=4)
+    lrs = (1.0, 1e-6)  # a good lr; one that leaves the classifier at its random init
+    kwargs = dict(lrs=lrs, epochs=10, batch_size=128, seed=5)
+    first = linear_probe(train_x, train_y, test_x, test_y, **kwargs)
+    assert first["best_lr"] == 1.0 and first["val_top1_per_lr"][1.0] >= 99.0
+    # Relabel the test split with what the barely trained classifier predicts: on the test
+    # split it is now perfect, so anything that looked at test accuracy would pick it.
+    fooled = first["probes"].logits(test_x, index=1).argmax(dim=1)
+    probes = first["probes"]
+    assert probes.accuracy(test_x, fooled, index=1).item() == 100.0
+    good_on_fooled = probes.accuracy(test_x, fooled, index=0).item()
+    assert good_on_fooled < 50.0
+
+    second = linear_probe(train_x, train_y, test_x, fooled, **kwargs)
+    assert second["val_top1_per_lr"] == first["val_top1_per_lr"]  # test data changed nothing
+    assert torch.equal(second["probes"].weight, first["probes"].weight)
+    val = second["val_top1_per_lr"]
+    assert second["best_lr"] == max(val, key=val.get) == 1.0
+    assert second["linear_top1"] == pytest.approx(good_on_fooled)
+    # the test split is reported once, for the chosen lr: no per-lr test numbers anywhere
+    assert not [key for key in second if "test" in key]
+
+
+def reference_probe(x, y, num_classes, lr, epochs, batch_size, weight_decay, batchnorm, seed):
+    """One classifier with plain torch modules: nn.Linear, optim.SGD, BatchNorm1d."""
+    generator = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(x.shape[1], num_classes, generator=generator) * 0.01
+    linear = nn.Linear(x.shape[1], num_classes)
+    with torch.no_grad():
+        linear.weight.copy_(w0.T)
+        linear.bias.zero_()
+    bn = nn.BatchNorm1d(x.shape[1], affine=False) if batchnorm else nn.Identity()
+    optimizer = torch.optim.SGD(linear.parameters(), lr=lr, momentum=0.9,
+                                weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(y) / batch_size)
+    total, step = epochs * steps_per_epoch, 0
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=generator)
+        for index in order.split(batch_size):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            loss = F.cross_entropy(linear(bn(x[index])), y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+    return linear, bn
+
+
+@pytest.mark.parametrize("batchnorm, weight_decay", [(True, 0.0), (False, 1e-3)])
+def test_side_by_side_equals_each_lr_alone_and_plain_torch(batchnorm, weight_decay):
+    x, y = blobs(300, seed=6, spread=2.0)  # overlapping: the lr matters
+    val_x, val_y = blobs(100, seed=7, spread=2.0)
+    lrs = [0.01, 0.3, 3.0]
+    kwargs = dict(epochs=4, batch_size=64, weight_decay=weight_decay, batchnorm=batchnorm,
+                  seed=8)
+    together = train_linear_probes(x, y, val_x, val_y, 4, lrs, **kwargs)
+    weights = together["probes"].weight
+    assert not torch.allclose(weights[0], weights[2], atol=1e-2)  # the lrs did differ
+    for i, lr in enumerate(lrs):
+        alone = train_linear_probes(x, y, val_x, val_y, 4, [lr], **kwargs)
+        torch.testing.assert_close(alone["probes"].weight[0], weights[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone["probes"].bias[0], together["probes"].bias[i],
+                                   atol=1e-5, rtol=1e-5)
+        assert alone["val_top1"][0] == pytest.approx(together["val_top1"][i])
+        linear, bn = reference_probe(x, y, 4, lr, **kwargs)
+        torch.testing.assert_close(weights[i].T, linear.weight.detach(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(together["probes"].bias[i], linear.bias.detach(),
+                                   atol=1e-5, rtol=1e-4)
+        if batchnorm:
+            torch.testing.assert_close(together["probes"].bn.running_var, bn.running_var)
+
+
+def test_cli_probes_tiny_run_and_leaves_backbone_unchanged(tiny_run, capsys):
+    argv = ["linear", "--checkpoint", str(tiny_run / "checkpoint.pt"), "--epochs", "5",
+            "--set", "eval.test_subset=500"]
+    assert main(argv) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(line)
+    assert result["backbone_unchanged"] is True
+    assert 40.0 < result["linear_top1"] <= 100.0  # 10 classes: chance is 10%
+    assert set(result["val_top1_per_lr"]) == {"0.03", "0.1", "0.3", "1.0", "3.0"}
+    val = result["val_top1_per_lr"]
+    assert str(result["best_lr"]) == max(val, key=val.get)
+    assert result["epochs"] == 5 and result["test_images"] == 500
+    assert result["train_images"] + result["val_images"] == 2048
+    assert result["wall_seconds"] > 0
+    assert json.loads((tiny_run / "linear.json").read_text()) == result
+
+    # --no-batchnorm with explicit lrs, --augmented: both change what runs
+    argv += ["--no-batchnorm", "--lrs", "0.1", "1", "--augmented", "--epochs", "1"]
+    assert main(argv) == 0
+    other = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert other["batchnorm"] is False and other["augmented"] is True
+    assert set(other["val_top1_per_lr"]) == {"0.1", "1.0"} and other["lr_scale"] == 4.0
+    assert other["backbone_unchanged"] is True
+
+
+def test_cli_rejects_val_fraction_zero_with_a_sweep(capsys):
+    assert main(["linear", "--checkpoint", "nowhere.pt", "--val-fraction", "0"]) == 2
+    assert "val-fraction" in capsys.readouterr().err
+
+
+def test_a_changed_backbone_tensor_is_flagged(tiny_run):
+    backbone = open_checkpoint(tiny_run / "checkpoint.pt").backbone()
+    before = snapshot(backbone)
+    assert unchanged(backbone, before)
+    name, tensor = next(iter(backbone.state_dict().items()))
+    with torch.no_grad():
+        tensor.view(-1)[0] += 1e-3
+    assert not unchanged(backbone, before), name
+
+
+class MutatingBackbone(nn.Module):
+    """Flattens the image, and (wrongly) changes one of its own tensors on every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x.flatten(1)
+
+
+def toy_dataset(n: int, seed: int) -> ImageDataset:
+    """Two classes of 8x8 grey images: bright left half or bright right half."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(2, (n,), generator=generator)
+    images = torch.randint(0, 60, (n, 1, 8, 8), generator=generator, dtype=torch.uint8)
+    images[labels == 0, :, :, :4] += 150
+    images[labels == 1, :, :, 4:] += 150
+    return ImageDataset(images, labels, ["left", "right"], (0.4,), (0.3,))
+
+
+def test_probe_flags_a_backbone_that_changes_itself():
+    train_set, test_set = toy_dataset(200, 1), toy_dataset(100, 2)
+    kwargs = dict(lrs=[0.1], device=torch.device("cpu"), epochs=3, batch_size=64)
+    result = probe_backbone(MutatingBackbone(), train_set, test_set, **kwargs)
+    assert result["backbone_unchanged"] is False
+    clean = probe_backbone(nn.Flatten(), train_set, test_set, **kwargs)
+    assert clean["backbone_unchanged"] is True and clean["linear_top1"] > 90.0
+
+
+def test_augmented_features_are_new_views_every_epoch():
+    data = toy_dataset(16, 3)
+    indices = torch.arange(16)
+    args = (data.mean, data.std, torch.device("cpu"))
+    epoch0 = augmented_features(nn.Flatten(), data.images, indices, 0, 0, *args)
+    again = augmented_features(nn.Flatten(), data.images, indices, 0, 0, *args)
+    epoch1 = augmented_features(nn.Flatten(), data.images, indices, 1, 0, *args)
+    clean = (data.images.float() / 255 - 0.4) / 0.3
+    assert torch.equal(epoch0, again)
+    assert not torch.allclose(epoch0, epoch1)
+    assert not torch.allclose(epoch0, clean.flatten(1))
+    assert epoch0.shape == (16, 64)
