@@ -325,7 +325,7 @@ def plot_confusion(analysis: SplitAnalysis) -> bytes:
     classes = analysis.classes
     n = len(classes)
     matrix = analysis.confusion.numpy()
-    side = min(max(5.5, 0.6 * n + 2.5), 24)
+    side = min(max(5.5, 0.5 * n + 2.0), 24)
     figure, axis = plt.subplots(figsize=(side + 1.2, side))
     image = axis.imshow(matrix, cmap="Blues", interpolation="nearest")
     figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label="images")

@@ -11,6 +11,15 @@ from PIL import Image
 from mocov3.cli import main
 
 PNG_URI = '<img src="data:image/png;base64,'
+EVAL_FILES = ("linear.json", "finetune.json", "scratch.json")
+
+
+def _copy_run(tiny_run, dest, **kwargs):
+    """A private copy of the shared run, without results other tests may have added."""
+    shutil.copytree(tiny_run, dest, **kwargs)
+    for name in EVAL_FILES:
+        (dest / name).unlink(missing_ok=True)
+    return dest
 
 
 def _report(capsys, *args: str) -> str:
@@ -19,8 +28,7 @@ def _report(capsys, *args: str) -> str:
 
 
 def test_report_from_tiny_run(tiny_run, tmp_path, capsys):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
+    run = _copy_run(tiny_run, tmp_path / "run")
     (run / "linear.json").write_text(json.dumps({"linear_top1": 61.37, "best_lr": 0.3}))
     path = _report(capsys, str(run))
     assert path == str(run / "report.html")
@@ -48,8 +56,9 @@ def test_report_from_tiny_run(tiny_run, tmp_path, capsys):
 
 
 def test_report_without_test_split_or_eval_files(tiny_run, tmp_path, capsys):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("*.png", "tensorboard"))
+    run = _copy_run(
+        tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("*.png", "tensorboard")
+    )
     # Point the checkpoint's data at an unlabelled folder: no test split to analyse.
     import torch
 
@@ -65,6 +74,7 @@ def test_report_without_test_split_or_eval_files(tiny_run, tmp_path, capsys):
     page = out.read_text()
     assert "no labelled test split" in page
     assert page.count(PNG_URI) == 4  # curves redrawn from metrics.jsonl, no PCA/confusion
+    assert "Linear probe" not in page and "Fine-tuning" not in page
 
 
 def test_report_of_missing_dir_is_one_line_error(tmp_path, capsys):

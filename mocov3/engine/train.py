@@ -245,8 +245,8 @@ class Trainer:
         return min(total * 4 // 5, len(self.train_set)), max(total // 5, 20)
 
     def monitor(self, log: MetricsLog) -> dict[str, float] | None:
-        """kNN on a subset every ``eval.monitor_every`` steps (not at the last step, which
-        gets the full-split evaluation)."""
+        """kNN on a subset every ``eval.monitor_every`` steps, from step 0 (not at the last
+        step, which gets the full-split evaluation)."""
         every = self.config.eval.monitor_every
         if not every or self.step % every or self.step == self.schedules.total_steps:
             return None
@@ -302,6 +302,8 @@ class Trainer:
         self.model.train()
         train_seconds, loss, window = 0.0, math.nan, []
         monitor_seconds, last_knn = 0.0, None
+        if self.step == 0 and (start := self.monitor(log)) is not None:
+            last_knn = start["knn_top1"]  # the monitor's own starting point, same subset
         while self.step < self.schedules.total_steps:
             tic = time.perf_counter()
             loss = self.train_step(self.step)

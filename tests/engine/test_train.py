@@ -10,19 +10,8 @@ from mocov3.engine.checkpoint import load_checkpoint
 
 def test_pretrain_lifts_knn_and_writes_the_run_directory(tmp_path, capsys):
     out = tmp_path / "run"
-    status = main(
-        [
-            "pretrain",
-            "--config",
-            "configs/tiny.yaml",
-            "--out",
-            str(out),
-            "--epochs",
-            "8",
-            "--set",
-            "train.log_every=20",
-        ]
-    )
+    argv = ["pretrain", "--config", "configs/tiny.yaml", "--out", str(out), "--epochs", "8"]
+    status = main([*argv, "--set", "train.log_every=20", "--set", "eval.monitor_every=64"])
     assert status == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     summary = json.loads((out / "summary.json").read_text())
@@ -53,7 +42,13 @@ def test_pretrain_lifts_knn_and_writes_the_run_directory(tmp_path, capsys):
     assert state["step"] == summary["steps"]
     assert load_checkpoint(out)["config"]["train"]["epochs"] == 8.0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {r["kind"] for r in records} == {"train", "knn"}
+    assert {r["kind"] for r in records} == {"train", "knn", "knn_monitor"}
+    # the dense monitor: every 64 steps from 0 but the last (that gets the full evaluation), on a
+    # subset sized for ~5% of training time: 0.4 * 64 * 64 images split 4:1
+    monitor = [r for r in records if r["kind"] == "knn_monitor"]
+    assert [r["step"] for r in monitor] == [0, 64, 128, 192]
+    assert monitor[0]["train_images"] == 1310 and monitor[0]["test_images"] == 327
+    assert summary["knn_monitor_share"] < 0.15
 
 
 def test_knn_command_on_a_checkpoint(tmp_path, capsys):
