@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,39 +14,49 @@ from pathlib import Path
 from mocov3.config import ConfigError, load_config
 from mocov3.data.datasets import DatasetError
 from mocov3.engine.checkpoint import CheckpointError
-
-
-def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", help="fashion-mnist | folder:PATH | synthetic")
-    parser.add_argument("--data-dir", help="folder holding the Fashion-MNIST idx files")
-
-
-def _data_overrides(args: argparse.Namespace) -> list[str]:
-    overrides = []
-    if args.data:
-        overrides.append(f"data.name={args.data}")
-    if args.data_dir:
-        overrides.append(f"data.data_dir={args.data_dir}")
-    return overrides
+from mocov3.eval.common import add_data_args, data_overrides
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from mocov3.engine.train import pretrain
 
-    overrides = _data_overrides(args)
+    overrides = data_overrides(args)
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
     if args.device:
         overrides.append(f"train.device={args.device}")
+    if args.strict_data:
+        overrides.append("data.strict=true")
     config = load_config(args.config, [*overrides, *args.set])
     out = Path(args.out) if args.out else Path("runs") / Path(args.config or "default").stem
-    summary = pretrain(config, out)
-    print(
-        f"run directory: {out}  plots: {', '.join(Path(p).name for p in summary['plots'])}",
-        file=sys.stderr,
-    )
+    argv = getattr(args, "argv", None)
+    command = resume_command(argv) if argv is not None else None
+    summary = pretrain(config, out, resume=args.resume, resume_command=command)
+    if not summary.get("preempted"):
+        print(
+            f"run directory: {out}  plots: {', '.join(Path(p).name for p in summary['plots'])}",
+            file=sys.stderr,
+        )
     print(json.dumps({k: v for k, v in summary.items() if k != "plots"}))
     return 0
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues this run: the same arguments with ``--resume auto``."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--resume":
+            skip = True
+        elif not token.startswith("--resume="):
+            kept.append(token)
+    program = (
+        f"{shlex.quote(sys.executable)} -m mocov3"
+        if Path(sys.argv[0]).name == "__main__.py"
+        else "mocov3"
+    )
+    return f"{program} {shlex.join([*kept, '--resume', 'auto'])}"
 
 
 def cmd_knn(args: argparse.Namespace) -> int:
@@ -54,7 +65,7 @@ def cmd_knn(args: argparse.Namespace) -> int:
     from mocov3.engine.train import evaluate_knn, load_data, resolve_device
     from mocov3.eval.common import open_checkpoint
 
-    overrides = [*_data_overrides(args), *args.set]
+    overrides = [*data_overrides(args), *args.set]
     if args.k:
         overrides.append(f"eval.knn_k={args.k}")
     if args.temperature:
@@ -91,7 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", help="run directory (default runs/<preset name>)")
     pre.add_argument("--epochs", type=float)
     pre.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    _add_data_args(pre)
+    pre.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="continue a run: 'auto' from the newest usable checkpoint in --out (none: start "
+        "afresh), or from the checkpoint file PATH",
+    )
+    add_data_args(pre)
+    pre.add_argument(
+        "--strict-data",
+        action="store_true",
+        help="stop on an unreadable image file instead of skipping it (data.strict)",
+    )
     pre.add_argument(
         "--set",
         action="append",
@@ -114,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--k", type=int, nargs="+", help="neighbour counts (default eval.knn_k)")
     knn.add_argument("--temperature", type=float, help="vote temperature (default 0.07)")
     knn.add_argument("--device")
-    _add_data_args(knn)
+    add_data_args(knn)
     knn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     knn.set_defaults(handler=cmd_knn)
     for name in COMMAND_MODULES:
@@ -124,8 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Evaluation commands live beside their code; each module's register(subparsers) adds its
 # sub-command with a handler.
-COMMAND_MODULES = ("mocov3.eval.linear", "mocov3.eval.finetune", "mocov3.eval.embed",
-                   "mocov3.report")
+COMMAND_MODULES = (
+    "mocov3.eval.linear",
+    "mocov3.eval.finetune",
+    "mocov3.eval.embed",
+    "mocov3.report",
+)
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetError, CheckpointError)
 
@@ -133,7 +159,9 @@ USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetError, Checkpoin
 def main(argv: Sequence[str] | None = None) -> int:
     from mocov3.engine.train import TrainingError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

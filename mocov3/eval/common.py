@@ -3,6 +3,7 @@ was trained on (overridable), so each command is a few lines on top."""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,3 +60,19 @@ def unchanged(module: nn.Module, before: dict[str, torch.Tensor]) -> bool:
     return after.keys() == before.keys() and all(
         torch.equal(after[name].detach().cpu(), before[name].cpu()) for name in before
     )
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """``--data`` and ``--data-dir``, shared by every command that reads a dataset."""
+    parser.add_argument("--data", help="fashion-mnist | folder:PATH | synthetic")
+    parser.add_argument("--data-dir", help="folder holding the Fashion-MNIST idx files")
+
+
+def data_overrides(args: argparse.Namespace) -> list[str]:
+    """``--data``/``--data-dir`` as config overrides (``data.name=...``)."""
+    overrides = []
+    if args.data:
+        overrides.append(f"data.name={args.data}")
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir}")
+    return overrides

@@ -36,7 +36,7 @@ from mocov3.data.datasets import (
     load_split,
 )
 from mocov3.engine.precision import cpu_bf16_is_fast, resolve_precision
-from mocov3.eval.common import LoadedRun, open_checkpoint
+from mocov3.eval.common import LoadedRun, add_data_args, data_overrides, open_checkpoint
 from mocov3.eval.knn import extract_features
 
 __all__ = ["EmbedInput", "embed_images", "eval_precision", "load_embeddings", "read_image_folder"]
@@ -177,12 +177,7 @@ def run_embed(args: argparse.Namespace) -> dict[str, object]:
     """Do the work of ``mocov3 embed``; return the result line's fields."""
     from mocov3.engine.train import resolve_device
 
-    overrides = []
-    if args.data:
-        overrides.append(f"data.name={args.data}")
-    if args.data_dir:
-        overrides.append(f"data.data_dir={args.data_dir}")
-    run = open_checkpoint(args.checkpoint, [*overrides, *args.set])
+    run = open_checkpoint(args.checkpoint, [*data_overrides(args), *args.set])
     config = run.config
     channels = int(run.state["in_chans"])
     if args.images:
@@ -240,10 +235,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="dataset split to embed (default train; data.subset applies to it)",
     )
     parser.add_argument("--encoder", choices=("query", "momentum"), default="query")
-    parser.add_argument(
-        "--data", help="fashion-mnist | folder:PATH | synthetic (default: the checkpoint's)"
-    )
-    parser.add_argument("--data-dir", help="folder holding the Fashion-MNIST idx files")
+    add_data_args(parser)
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.set_defaults(handler=cmd_embed)

@@ -63,7 +63,7 @@ from mocov3.engine.train import (
     resolve_device,
     seed_everything,
 )
-from mocov3.eval.common import LoadedRun, open_checkpoint
+from mocov3.eval.common import LoadedRun, add_data_args, data_overrides, open_checkpoint
 from mocov3.eval.knn import normalize_images
 from mocov3.models.moco import build_backbone
 from mocov3.models.vit import DropPath
@@ -442,12 +442,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "--encoder picks the pretrained weights; it means nothing with --from-scratch"
         )
     _check_overrides(args.set)
-    overrides = list(args.set)
-    if args.data:
-        overrides.append(f"data.name={args.data}")
-    if args.data_dir:
-        overrides.append(f"data.data_dir={args.data_dir}")
-    run = open_checkpoint(args.checkpoint, overrides)
+    run = open_checkpoint(args.checkpoint, [*args.set, *data_overrides(args)])
     device = resolve_device(args.device or run.config.train.device)
     settings = FineTuneSettings(
         epochs=args.epochs,
@@ -537,8 +532,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="data order, augmentation, drop path, head init (and the scratch init)",
     )
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default train.device)")
-    p.add_argument("--data", help="fashion-mnist | folder:PATH | synthetic")
-    p.add_argument("--data-dir", help="folder holding the Fashion-MNIST idx files")
+    add_data_args(p)
     p.add_argument(
         "--set",
         action="append",

@@ -43,6 +43,7 @@ from torch import nn
 
 from mocov3.data.augment import counter_uniform, resized_crop_flip, sample_crop_boxes, sample_keys
 from mocov3.engine.precision import autocast_context
+from mocov3.eval.common import add_data_args, data_overrides, open_checkpoint, snapshot, unchanged
 
 MOMENTUM = 0.9
 INIT_STD = 0.01  # the reference initialises the classifier weight with N(0, 0.01), bias 0
@@ -325,7 +326,6 @@ def probe_backbone(
 ) -> dict[str, Any]:
     """Snapshot the backbone, extract features (eval mode), :func:`linear_probe`, then check
     that no backbone tensor changed (``backbone_unchanged``). ``lrs`` are actual lrs."""
-    from mocov3.eval.common import snapshot, unchanged
     from mocov3.eval.knn import extract_features
 
     before = snapshot(backbone)
@@ -357,11 +357,9 @@ def probe_backbone(
 
 
 def cmd_linear(args: argparse.Namespace) -> int:
-    from mocov3.cli import _data_overrides
     from mocov3.config import ConfigError
     from mocov3.data.datasets import DatasetError
     from mocov3.engine.train import load_data, resolve_device
-    from mocov3.eval.common import open_checkpoint
 
     started = time.perf_counter()
     batchnorm = not args.no_batchnorm
@@ -381,7 +379,7 @@ def cmd_linear(args: argparse.Namespace) -> int:
             f"--val-fraction must be in (0, 1) (0 only with a single lr), got {args.val_fraction}"
         )
 
-    run = open_checkpoint(args.checkpoint, [*_data_overrides(args), *args.set])
+    run = open_checkpoint(args.checkpoint, [*data_overrides(args), *args.set])
     config = run.config
     device = resolve_device(args.device or config.train.device)
     precision = config.train.precision
@@ -449,7 +447,6 @@ def cmd_linear(args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add the ``linear`` sub-command."""
-    from mocov3.cli import _add_data_args
 
     parser = commands.add_parser(
         "linear",
@@ -457,7 +454,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt or its run directory")
-    _add_data_args(parser)
+    add_data_args(parser)
     parser.add_argument("--encoder", choices=("query", "momentum"), default="query")
     parser.add_argument(
         "--lrs",
