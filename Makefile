@@ -18,7 +18,7 @@ data:
 	@bash scripts/ensure-fashion-mnist.sh
 
 demo: install data
-	$(PY) -m mocov3 pretrain --config configs/demo.yaml --out $(OUT)
+	$(PY) -m mocov3 pretrain --config configs/demo.yaml --out $(OUT) --overwrite
 	@echo "plots: $(OUT)/loss.png $(OUT)/lr.png $(OUT)/momentum.png $(OUT)/knn.png; summary: $(OUT)/summary.json"
 
 test: install data lint

@@ -31,7 +31,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / Path(args.config or "default").stem
     argv = getattr(args, "argv", None)
     command = resume_command(argv) if argv is not None else None
-    summary = pretrain(config, out, resume=args.resume, resume_command=command)
+    summary = pretrain(
+        config, out, resume=args.resume, resume_command=command, overwrite=args.overwrite
+    )
     if not summary.get("preempted"):
         print(
             f"run directory: {out}  plots: {', '.join(Path(p).name for p in summary['plots'])}",
@@ -107,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="auto|PATH",
         help="continue a run: 'auto' from the newest usable checkpoint in --out (none: start "
         "afresh), or from the checkpoint file PATH",
+    )
+    pre.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in --out even if an earlier run left checkpoints there "
+        "(they are removed); without it such a directory is refused",
     )
     add_data_args(pre)
     pre.add_argument(

@@ -9,6 +9,7 @@ key and the fix, before any compute starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +20,11 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A configuration problem the user can fix; the message is one line."""
+    """A configuration problem the user can fix; the message is one line (line breaks in
+    values it quotes are escaped)."""
+
+    def __init__(self, message: object) -> None:
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 @dataclass
@@ -52,6 +57,7 @@ class DataConfig:
     channels: int | None = None  # None: take the dataset's own (1 for Fashion-MNIST, 3 for RGB)
     subset: int | None = None  # use the first N training images (tests, quick tries)
     synthetic_size: int = 2048  # number of generated training images for ``synthetic``
+    strict: bool = False  # unreadable image files stop the run instead of being skipped
 
 
 @dataclass
@@ -106,6 +112,10 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None: leave torch's default
     log_every: int = 10  # steps between metric lines
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always saves)
+    checkpoint_every_steps: int = 0  # steps between checkpoints; > 0 replaces checkpoint_every
+    keep_checkpoints: int = 3  # checkpoint-STEP.pt files kept (the newest K)
+    milestones: tuple[int, ...] = ()  # epochs whose checkpoints are kept for good
+    skip_nonfinite: bool = False  # skip steps with a non-finite loss or gradient (else stop)
     plot_every: int = 1  # epochs between plot refreshes
 
 
@@ -162,12 +172,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and args and args[-1] is Ellipsis:
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a list, got {_short(value)}")
         if args and args[-1] is Ellipsis:
             return tuple(_coerce(v, args[0], key) for v in value)
         if len(value) != len(args):
             raise ConfigError(
-                f"config key '{key}' must have {len(args)} values, got {len(value)}: {value!r}"
+                f"config key '{key}' must have {len(args)} values, "
+                f"got {len(value)}: {_short(value)}"
             )
         return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
     if annotation is bool:
@@ -175,29 +186,42 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be true or false, got {_short(value)}")
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be an integer, got {_short(value)}")
+        if isinstance(value, int):
+            return value
         try:
             number = float(value)
-        except ValueError:
-            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}") from None
+        except (ValueError, OverflowError):
+            raise ConfigError(
+                f"config key '{key}' must be an integer, got {_short(value)}"
+            ) from None
         if not number.is_integer():
-            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be an integer, got {_short(value)}")
         return int(number)
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a number, got {_short(value)}")
         try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"config key '{key}' must be a number, got {value!r}") from None
+            number = float(value)
+        except (ValueError, OverflowError):
+            raise ConfigError(f"config key '{key}' must be a number, got {_short(value)}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {_short(value)}")
+        return number
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a string, got {_short(value)}")
         return str(value)
     return value
+
+
+def _short(value: Any) -> str:
+    """``repr`` on one line, at most 80 characters (values can be long or multi-line)."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -227,7 +251,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # e.g. 2021-02-30 is not a date
         value = raw
     return key.strip(), value
 
@@ -250,8 +274,13 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file {path} not found (presets live in configs/)")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+            raise ConfigError(f"config file {path} cannot be read ({reason})") from None
+        try:
+            values = yaml.safe_load(text) or {}
+        except (yaml.YAMLError, ValueError, RecursionError) as error:
             line = getattr(getattr(error, "problem_mark", None), "line", None)
             where = f" line {line + 1}" if line is not None else ""
             raise ConfigError(f"config file {path}{where} is not valid YAML") from None
@@ -391,6 +420,20 @@ def validate(config: Config) -> None:
     _require(
         t.log_every >= 1 and t.checkpoint_every >= 1 and t.plot_every >= 1,
         "train.log_every, checkpoint_every and plot_every must be >= 1",
+    )
+    _require(0 <= t.seed < 2**32, f"train.seed {t.seed} must be in [0, 2**32)")
+    _require(
+        t.checkpoint_every_steps >= 0,
+        "train.checkpoint_every_steps must be >= 0 (0: use train.checkpoint_every epochs)",
+    )
+    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+    _require(
+        all(epoch >= 1 for epoch in t.milestones),
+        f"train.milestones {list(t.milestones)} must be epoch numbers >= 1",
+    )
+    _require(
+        t.threads is None or t.threads >= 0,
+        "train.threads must be >= 0 (0 or null: torch's default)",
     )
     _require(len(e.knn_k) >= 1 and all(k >= 1 for k in e.knn_k), "eval.knn_k must be positive")
     _require(e.knn_temperature > 0, "eval.knn_temperature must be positive")

@@ -63,6 +63,16 @@ def test_overrides_are_typed():
         ("model.arch=vit_gigantic", "model.arch 'vit_gigantic' is unknown"),
         ("augment.crop_scale=[0.5]", "must have 2 values"),
         ("train.precision=fp8", "train.precision 'fp8' must be auto, bf16, fp32 or fp16"),
+        ("optim.base_lr=.nan", "'optim.base_lr' must be a finite number"),
+        ("train.epochs=1e400", "'train.epochs' must be a finite number"),
+        ("train.batch_size=1e400", "'train.batch_size' must be an integer"),
+        ("train.seed=-1", "train.seed -1 must be in [0, 2**32)"),
+        ("train.keep_checkpoints=0", "train.keep_checkpoints must be >= 1"),
+        ("train.checkpoint_every_steps=-2", "train.checkpoint_every_steps must be >= 0"),
+        ("train.milestones=[0, 5]", "train.milestones [0, 5] must be epoch numbers >= 1"),
+        ("train.skip_nonfinite=maybe", "'train.skip_nonfinite' must be true or false"),
+        ("data.strict=2", "'data.strict' must be true or false"),
+        ('model.pos_embed="a\\nb"', "model.pos_embed 'a\\nb' must be"),  # line break escaped
     ],
 )
 def test_bad_values_refused_with_one_line(override, message):

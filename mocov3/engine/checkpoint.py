@@ -1,14 +1,27 @@
-"""Checkpoints in the run directory: atomic writes, ``weights_only`` loads."""
+"""Checkpoints in the run directory: atomic writes, ``weights_only`` loads, rotation.
+
+A run directory holds ``checkpoint-STEP.pt`` (the newest ``train.keep_checkpoints``),
+``checkpoint.pt`` (always the newest; a hard link, or a copy where links are not possible)
+and ``milestone-epochE.pt`` for each epoch in ``train.milestones`` (kept for good). Every
+file appears by an atomic rename: a crash or ``kill -9`` at any moment leaves complete files
+plus, at worst, a hidden ``.NAME.*.tmp`` that loading ignores and the next run removes.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import random
+import re
+import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -16,48 +29,286 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message is one line with the fix."""
 
 
+LATEST = "checkpoint.pt"
+_NUMBERED = re.compile(r"^checkpoint-(\d+)\.pt$")
+_TEMP_GLOBS = (
+    ".checkpoint*.tmp",
+    ".milestone*.tmp",
+    ".config.yaml.*.tmp",
+    ".metrics.jsonl.*.tmp",
+    ".summary.json.*.tmp",
+)
+
+
+def _fsync_directory(directory: Path) -> None:
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _write_error(path: Path, error: OSError) -> CheckpointError:
+    reason = error.strerror or type(error).__name__
+    name = errno.errorcode.get(error.errno or 0, "")
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free disk space there or choose another --out"
+    elif error.errno == errno.EFBIG:
+        hint = "raise the file-size limit (ulimit -f) or choose another --out"
+    else:
+        hint = "check that the run directory is writable and its disk healthy"
+    return CheckpointError(
+        f"cannot write checkpoint {path} ({reason}{', ' + name if name else ''}): {hint}; "
+        "the previous checkpoint is intact"
+    )
+
+
+class _WriteRecorder:
+    """A file wrapper for ``torch.save`` that keeps the OSError of a failed write (torch's
+    writer replaces it with an internal message)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.stream.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write to a temporary file in the same directory, fsync, then rename: a crash at any
-    point leaves either the old checkpoint or the new one, never a partial file."""
+    point leaves either the old checkpoint or the new one, never a partial file. A failed
+    write (full disk, quota, I/O error) raises :class:`CheckpointError` and removes the
+    temporary file; the file at ``path`` is then untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp_name, recorder = None, None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
+        )
         with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
+            recorder = _WriteRecorder(stream)
+            torch.save(state, recorder)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
+        tmp_name = None
+        _fsync_directory(path.parent)
+    except OSError as error:
+        raise _write_error(path, error) from None
+    except RuntimeError as error:  # torch.save's zip writer reports a failed write its own way
+        if recorder is not None and recorder.error is not None:
+            raise _write_error(path, recorder.error) from None
+        raise CheckpointError(
+            f"cannot write checkpoint {path} ({_first_line(error)}): if the disk is full, free "
+            "space there or choose another --out; the previous checkpoint is intact"
+        ) from None
     finally:
-        os.close(directory)
+        if tmp_name is not None:
+            Path(tmp_name).unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace a small text file (config.yaml, metrics.jsonl, summary.json) atomically."""
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp_name, path)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+
+
+def link_atomically(source: Path, target: Path) -> None:
+    """Make ``target`` the same file as ``source`` by an atomic rename of a hard link (a
+    copy, fsynced, where the filesystem has no hard links)."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+            with tmp.open("rb+") as stream:
+                os.fsync(stream.fileno())
+        os.replace(tmp, target)
+        _fsync_directory(target.parent)
+    except OSError as error:
+        raise _write_error(target, error) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:160]
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load with ``weights_only=True``: tensors and plain containers only, never code."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoint.pt"
+        path = path / LATEST
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found (pass DIR/checkpoint.pt of a run)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).splitlines()[0] if str(error) else "unsupported content"
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        # torch names the refused global on a line of its own; show that one
+        named = [line for line in lines if "global" in line.lower()]
+        reason = (named or lines or ["unsupported content"])[0]
         raise CheckpointError(
             f"refused to load {path}: it holds objects a weights-only load does not allow "
-            f"({reason[:160]}); only load checkpoints from sources you trust"
+            f"({reason[:160]}); nothing in it was run; only load checkpoints from sources "
+            "you trust"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise CheckpointError(
-            f"checkpoint {path} is unreadable or truncated ({first[:160]})"
+            f"checkpoint {path} is unreadable or truncated ({_first_line(error)})"
         ) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not a mocov3 checkpoint (no 'model'/'config' entries)")
     return state
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def numbered_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``checkpoint-STEP.pt`` in ``run_dir``, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for entry in run_dir.iterdir():
+        if (match := _NUMBERED.match(entry.name)) and entry.is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def resume_candidates(run_dir: Path) -> list[Path]:
+    """Where ``--resume auto`` looks, best first: numbered checkpoints newest first, then
+    ``checkpoint.pt``. Milestones are history (possibly of a run since replaced): resume
+    from one with ``--resume PATH``."""
+    candidates = [path for _, path in reversed(numbered_checkpoints(run_dir))]
+    if (run_dir / LATEST).is_file():
+        candidates.append(run_dir / LATEST)
+    return candidates
+
+
+def latest_checkpoint(
+    run_dir: Path, warn: Callable[[str], None]
+) -> tuple[dict[str, Any], Path] | None:
+    """The newest checkpoint of ``run_dir`` that loads and can be resumed from; unusable
+    ones are skipped with a one-line warning each. None when the directory holds none;
+    :class:`CheckpointError` when it holds some but none is usable."""
+    candidates = resume_candidates(run_dir)
+    for path in candidates:
+        try:
+            state = load_checkpoint(path)
+            check_resumable(state, path)
+        except CheckpointError as error:
+            warn(f"warning: skipping {path}: {error}")
+            continue
+        return state, path
+    if candidates:
+        raise CheckpointError(
+            f"none of the {len(candidates)} checkpoint file(s) in {run_dir} can be resumed "
+            "from (see the warnings above); choose another --out or --resume PATH"
+        )
+    return None
+
+
+RESUME_KEYS = ("model", "optimizer", "scaler", "step", "rng", "steps_per_epoch")
+
+
+def check_resumable(state: dict[str, Any], path: Path) -> None:
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks {', '.join(missing)} (written by an older mocov3 or not by "
+            "pretraining), so training cannot continue from it exactly"
+        )
+
+
+def remove_temporary_files(run_dir: Path) -> list[Path]:
+    """Delete what an interrupted atomic write left behind (``.checkpoint*.tmp``)."""
+    removed = []
+    if run_dir.is_dir():
+        for pattern in _TEMP_GLOBS:
+            for path in run_dir.glob(pattern):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def save_run_checkpoint(
+    state: dict[str, Any], run_dir: Path, step: int, keep: int, milestone: int | None = None
+) -> Path:
+    """Write ``checkpoint-STEP.pt``, point ``checkpoint.pt`` (and the milestone, if any) at
+    it, then delete numbered checkpoints beyond the newest ``keep`` (only those at or below
+    ``step``: numbered files from beyond it are never touched here)."""
+    path = run_dir / f"checkpoint-{step}.pt"
+    save_checkpoint(state, path)
+    if milestone is not None:
+        link_atomically(path, run_dir / f"milestone-epoch{milestone}.pt")
+    link_atomically(path, run_dir / LATEST)
+    older = [p for s, p in numbered_checkpoints(run_dir) if s <= step]
+    for stale in older[: max(len(older) - keep, 0)]:
+        stale.unlink(missing_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state (Python, NumPy, torch CPU, each CUDA device) as tensors and plain
+    numbers, so that a ``weights_only`` load can read it back."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(words, dtype=torch.int64),
+            "gauss": gauss,
+        },
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        # a CPU run on a machine with a GPU never initialises CUDA, so has no state there
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured (CUDA devices present on both sides)."""
+    py = state["python"]
+    words = tuple(int(w) for w in py["state"].tolist())
+    random.setstate((py["version"], words, py["gauss"]))
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state(
+        (npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    cuda = list(state.get("cuda", []))
+    if cuda and torch.cuda.is_available():
+        for device in range(min(len(cuda), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(cuda[device], device)

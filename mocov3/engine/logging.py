@@ -13,14 +13,19 @@ class MetricsLog:
     """Appends one JSON object per event to ``metrics.jsonl`` and mirrors scalars to
     TensorBoard. Each record has ``kind`` (train, knn, ...) and ``step``."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(
+        self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None
+    ) -> None:
         self.path = run_dir / "metrics.jsonl"
         self._stream = self.path.open("a")
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            # purge_step: a resumed run hides events a killed session logged from that step on
+            self._writer = SummaryWriter(
+                log_dir=str(run_dir / "tensorboard"), purge_step=purge_step
+            )
 
     def log(self, kind: str, step: int, **values: Any) -> None:
         record = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}

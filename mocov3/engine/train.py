@@ -4,11 +4,17 @@ after, metrics, TensorBoard, checkpoints and plots in the run directory."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
+import shlex
+import signal
 import sys
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,16 +23,27 @@ import numpy as np
 import torch
 
 from mocov3 import __version__
-from mocov3.config import Config
+from mocov3.config import Config, ConfigError, config_from_dict, resolve_model_dims
 from mocov3.data.augment import TwoViewAugment, sample_keys
 from mocov3.data.datasets import ImageDataset, has_test_split, load_split
-from mocov3.engine.checkpoint import save_checkpoint
+from mocov3.engine.checkpoint import (
+    CheckpointError,
+    check_resumable,
+    latest_checkpoint,
+    load_checkpoint,
+    numbered_checkpoints,
+    remove_temporary_files,
+    rng_state,
+    save_run_checkpoint,
+    set_rng_state,
+    write_text_atomic,
+)
 from mocov3.engine.logging import MetricsLog, Progress
 from mocov3.engine.optim import build_optimizer
 from mocov3.engine.precision import autocast_context, resolve_precision
 from mocov3.engine.schedules import momentum_cosine, scaled_lr, warmup_cosine
 from mocov3.eval.knn import extract_features, knn_accuracy
-from mocov3.models.moco import MoCo, build_moco
+from mocov3.models.moco import MoCo, build_moco, load_model_state
 from mocov3.plots import plot_run
 
 
@@ -137,6 +154,7 @@ def load_data(config: Config, with_test: bool = True) -> tuple[ImageDataset, Ima
         image_size=d.image_size,
         synthetic_size=d.synthetic_size,
         seed=config.train.seed,
+        strict=d.strict,
     )
     train_set = load_split(d.name, "train", channels=d.channels, subset=d.subset, **common)
     test_set = None
@@ -146,12 +164,138 @@ def load_data(config: Config, with_test: bool = True) -> tuple[ImageDataset, Ima
     return train_set, test_set
 
 
-class Trainer:
-    """Holds what one pretraining run needs; ``run`` does the work and returns the summary."""
+def check_writable(out_dir: Path) -> None:
+    """Create ``out_dir`` and a temporary file in it, before any data is read: an unwritable
+    run directory should fail in the first second, not at the first checkpoint."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise TrainingError(
+            f"cannot write to the output directory {out_dir} ({reason}): choose a writable "
+            "--out, or fix the directory's permissions or free space"
+        ) from None
 
-    def __init__(self, config: Config, out_dir: str | Path) -> None:
+
+_ARCH_KEYS = (
+    "patch_size",
+    "mlp_ratio",
+    "pos_embed",
+    "freeze_patch_embed",
+    "proj_hidden_dim",
+    "proj_layers",
+    "pred_hidden_dim",
+    "pred_layers",
+    "out_dim",
+)
+
+
+def architecture(config: Config) -> dict[str, Any]:
+    """What fixes the shapes and the trainable set of the model a config builds."""
+    dims = resolve_model_dims(config.model)
+    arch: dict[str, Any] = dict(
+        zip(("model.embed_dim", "model.depth", "model.num_heads"), dims, strict=True)
+    )
+    arch.update({f"model.{key}": getattr(config.model, key) for key in _ARCH_KEYS})
+    arch["data.image_size"] = config.data.image_size
+    return arch
+
+
+def checkpoint_config(state: dict[str, Any], path: Path) -> Config:
+    """The config a checkpoint was written with (CheckpointError when unreadable)."""
+    try:
+        if not isinstance(state.get("config"), dict):
+            raise ConfigError("no config mapping")
+        return config_from_dict(state["config"])
+    except ConfigError as error:
+        raise CheckpointError(f"{path} holds a config this version cannot read ({error})") from None
+
+
+def check_architecture(state: dict[str, Any], config: Config, path: Path) -> None:
+    """One-line CheckpointError when the checkpoint's model is not the one ``config`` builds."""
+    saved, wanted = architecture(checkpoint_config(state, path)), architecture(config)
+    differ = [
+        f"{key} {saved[key]} in the checkpoint, {wanted[key]} in the config"
+        for key in wanted
+        if saved[key] != wanted[key]
+    ]
+    if differ:
+        raise CheckpointError(
+            f"checkpoint {path} has another architecture than the config ({'; '.join(differ[:4])})"
+            ": resume with the config it was trained with (config.yaml in its run directory) "
+            "or start a new run in another --out"
+        )
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def refuse_existing_run(out_dir: Path) -> None:
+    """A new run never silently replaces an earlier run's checkpoints: continue it with
+    ``--resume auto`` or replace it on purpose with ``--overwrite``."""
+    found = [path for _, path in numbered_checkpoints(out_dir)]
+    if (out_dir / "checkpoint.pt").is_file():
+        found.append(out_dir / "checkpoint.pt")
+    if found:
+        raise TrainingError(
+            f"{out_dir} already holds a run ({found[-1].name}): continue it with --resume auto, "
+            "replace it with --overwrite, or choose another --out"
+        )
+
+
+def truncate_metrics(path: Path, step: int | None) -> None:
+    """Keep the records of ``metrics.jsonl`` a run resumed at ``step`` has already made:
+    train and skip records up to ``step``, others before it (kNN records at ``step`` are
+    made again). ``None``: a new run, which starts an empty file."""
+    if not path.is_file():
+        return
+    kept = []
+    if step is not None:
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                at = int(record["step"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a kill
+            if at < step or (at == step and record.get("kind") in ("train", "skipped")):
+                kept.append(line + "\n")
+    write_text_atomic(path, "".join(kept))
+
+
+class Trainer:
+    """Holds what one pretraining run needs; ``run`` does the work and returns the summary.
+
+    ``resume``: ``"auto"`` (the newest usable checkpoint in ``out_dir``; none: start
+    afresh), a checkpoint file, or a run directory. ``resume_command``: the command printed
+    when a signal stops the run (default: one built from the run's own config.yaml).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        out_dir: str | Path,
+        resume: str | Path | None = None,
+        resume_command: str | None = None,
+        overwrite: bool = False,
+    ) -> None:
         self.config = config
         self.out_dir = Path(out_dir)
+        self.resume_command = resume_command
+        check_writable(self.out_dir)
+        remove_temporary_files(self.out_dir)  # what a killed atomic write left behind
+        if resume is None and not overwrite:
+            refuse_existing_run(self.out_dir)
+        self.resume_from: Path | None = None
+        state = self._find_resume(resume)  # before the data: a wrong checkpoint fails fast
         self.device = resolve_device(config.train.device)
         check_precision(config.train.precision, self.device)
         # resolved once, stored in the run's config.yaml so the run says what it used
@@ -175,8 +319,132 @@ class Trainer:
         self.augment = TwoViewAugment(
             config.augment, config.data.image_size, self.train_set.mean, self.train_set.std
         )
+        # the optimiser's parameters in its order, with their names (for the non-finite guard)
+        self.named_trainable = [
+            (name, p) for name, p in self.model.named_parameters() if p.requires_grad
+        ]
         self.step = 0
         self._order_epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+        self.train_seconds = self.monitor_seconds = 0.0
+        self.skipped_steps = 0
+        self.last_loss = math.nan
+        self.last_knn: float | None = None
+        self.knn_init: dict[str, Any] | None = None
+        self.last_checkpoint: Path | None = None
+        self._saved_step = -1
+        self._stop_signal: int | None = None
+        self._skipped_now: str | None = None
+        if state is not None:
+            self._restore(state)
+        self._remove_later_checkpoints()
+
+    # ------------------------------------------------------------------ resume
+    def _find_resume(self, resume: str | Path | None) -> dict[str, Any] | None:
+        if resume is None:
+            return None
+        warn = lambda line: print(line, file=sys.stderr)  # noqa: E731
+        if str(resume) == "auto" or Path(resume).is_dir():
+            directory = self.out_dir if str(resume) == "auto" else Path(resume)
+            found = latest_checkpoint(directory, warn)
+            if found is None:
+                if str(resume) != "auto":
+                    raise CheckpointError(f"{directory} holds no checkpoint to resume from")
+                warn(f"note: no checkpoint in {directory} yet, so training starts at step 0")
+                return None
+            state, path = found
+        else:
+            path = Path(resume)
+            state = load_checkpoint(path)
+            check_resumable(state, path)
+        check_architecture(state, self.config, path)
+        self.resume_from = path
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Continue exactly where ``state`` was written: weights, optimiser, scaler, the
+        schedule position, the metrics so far and every RNG (restored last)."""
+        path = self.resume_from
+        if int(state["in_chans"]) != self.train_set.channels:
+            raise CheckpointError(
+                f"checkpoint {path} was trained on {state['in_chans']}-channel images, the "
+                f"data gives {self.train_set.channels}: set data.channels to match"
+            )
+        spe, total = self.schedules.steps_per_epoch, self.schedules.total_steps
+        if int(state["steps_per_epoch"]) != spe:
+            raise CheckpointError(
+                f"checkpoint {path} was written with {state['steps_per_epoch']} steps per "
+                f"epoch, this data and train.batch_size give {spe}: resume with the same data, "
+                "data.subset and train.batch_size"
+            )
+        step = int(state["step"])
+        if step > total:
+            raise CheckpointError(
+                f"checkpoint {path} is at step {step}, beyond the {total} steps this config "
+                "trains: raise train.epochs"
+            )
+        self._note_config_changes(state, path)
+        load_model_state(self.model, state["model"], path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (ValueError, KeyError, RuntimeError) as error:
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise CheckpointError(
+                f"checkpoint {path} has an optimiser or scaler state this run cannot use "
+                f"({first[:160]})"
+            ) from None
+        progress = state.get("progress", {})
+        self.step = self._saved_step = step
+        self.train_seconds = float(progress.get("train_seconds", 0.0))
+        self.monitor_seconds = float(progress.get("monitor_seconds", 0.0))
+        self.skipped_steps = int(progress.get("skipped_steps", 0))
+        self.last_loss = float(progress.get("loss", math.nan))
+        self.last_knn = progress.get("last_knn")
+        self.knn_init = progress.get("knn_init")
+        self.last_checkpoint = path
+        try:
+            set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(
+                f"checkpoint {path} has an unusable RNG state ({error})"
+            ) from None
+        print(f"resuming from {path} at step {step}/{total}", file=sys.stderr)
+
+    def _note_config_changes(self, state: dict[str, Any], path: Path | None) -> None:
+        saved, now = _flat(state["config"]), _flat(self.config.to_dict())
+        changed = [
+            f"{key} {saved.get(key)!r} -> {value!r}"
+            for key, value in now.items()
+            if saved.get(key) != value and key not in ("train.device", "train.threads")
+        ]
+        if changed:
+            more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+            print(
+                f"note: resuming {path} with settings changed since it was written: "
+                f"{', '.join(changed[:4])}{more} (the run will differ from an uninterrupted one)",
+                file=sys.stderr,
+            )
+
+    def _remove_later_checkpoints(self) -> None:
+        """Checkpoints of a run this one replaces (a new run in an old directory, or
+        --resume from an older checkpoint): numbered ones beyond the step this run starts
+        at, and ``checkpoint.pt`` unless it is the file resumed from. Left in place, a
+        later --resume auto could pick them up. Milestones stay (auto never uses them)."""
+        stale = [path for step, path in numbered_checkpoints(self.out_dir) if step > self.step]
+        latest = self.out_dir / "checkpoint.pt"
+        if latest.is_file() and not (
+            self.resume_from is not None and latest.samefile(self.resume_from)
+        ):
+            stale.append(latest)
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            print(
+                f"note: removed {len(stale)} checkpoint file(s) of an earlier run in "
+                f"{self.out_dir} (this run starts at step {self.step}; --resume auto continues "
+                "a run instead)",
+                file=sys.stderr,
+            )
 
     # ------------------------------------------------------------------ helpers
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,31 +459,86 @@ class Trainer:
         keys = sample_keys(self.config.train.seed, epoch, indices).to(self.device)
         return self.augment(images, keys)
 
+    def first_nonfinite_grad(self) -> str | None:
+        """``"NAME (nan)"`` for the first trainable parameter whose gradient holds a NaN or
+        inf, else None (one device sync: the per-tensor max |g| propagates NaN)."""
+        grads = [(name, p.grad) for name, p in self.named_trainable if p.grad is not None]
+        if not grads:
+            return None
+        peaks = torch.stack([g.detach().abs().amax().float() for _, g in grads])
+        bad = torch.nonzero(~torch.isfinite(peaks))
+        if len(bad) == 0:
+            return None
+        name, grad = grads[int(bad[0, 0])]
+        return f"{name} ({'nan' if bool(torch.isnan(grad).any()) else 'inf'})"
+
     def train_step(self, step: int) -> float:
+        """One optimisation step. A non-finite loss or gradient raises TrainingError before
+        the optimiser or any file is touched, or with ``train.skip_nonfinite`` the step is
+        skipped: no optimiser step, gradients dropped, BatchNorm statistics put back; the
+        momentum encoder's EMA of this step (done in the forward pass, before the loss
+        exists) stays, an average toward the unchanged query weights."""
         lr = float(self.schedules.lr[step])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x1, x2 = self.batch(step)
+        skip = self.config.train.skip_nonfinite
+        buffers = [b.detach().clone() for b in self.model.buffers()] if skip else None
         with autocast_context(self.device, self.config.train.precision):
             loss = self.model(x1, x2, float(self.schedules.momentum[step]))
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"loss became {loss.item()} at step {step} (lr {lr:.3g}); lower optim.base_lr "
-                "or raise optim.warmup_epochs; the last checkpoint is untouched"
-            )
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        bad = None
+        if not torch.isfinite(loss):
+            bad = f"loss became {loss.item()}"
+        else:
+            self.scaler.scale(loss).backward()
+            # with an fp16 scaler, inf gradients are routine: the scaler skips those steps
+            if not self.scaler.is_enabled() and (name := self.first_nonfinite_grad()):
+                bad = f"gradient of {name} became non-finite (loss {loss.item():.4g})"
+        if bad is not None:
+            where = f"{bad} at step {step + 1} (lr {lr:.3g})"
+            if not skip:
+                kept = (
+                    f"the last checkpoint ({self.last_checkpoint}) is untouched"
+                    if self.last_checkpoint
+                    else "no checkpoint was written yet"
+                )
+                raise TrainingError(
+                    f"{where}: lower optim.base_lr or raise optim.warmup_epochs, or set "
+                    f"train.skip_nonfinite=true to skip such steps; {kept}"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), buffers or [], strict=True):
+                    buffer.copy_(saved)
+            self.skipped_steps += 1
+            self._skipped_now = where
+            return float(loss.item())
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.item()
 
     def checkpoint_state(self) -> dict[str, Any]:
+        spe = self.schedules.steps_per_epoch
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
-            "epoch": self.step / self.schedules.steps_per_epoch,
+            "epoch": self.step / spe,
+            "epoch_index": self.step // spe,
+            "step_in_epoch": self.step % spe,
+            "steps_per_epoch": spe,
+            "total_steps": self.schedules.total_steps,
+            "rng": rng_state(),
+            "progress": {
+                "train_seconds": self.train_seconds,
+                "monitor_seconds": self.monitor_seconds,
+                "skipped_steps": self.skipped_steps,
+                "loss": self.last_loss,
+                "last_knn": self.last_knn,
+                "knn_init": self.knn_init,
+            },
             "config": self.config.to_dict(),
             "in_chans": self.train_set.channels,
             "mean": list(self.train_set.mean),
@@ -227,7 +550,11 @@ class Trainer:
         if self.test_set is None:
             return None
         return evaluate_knn(
-            self.model.backbone, self.train_set, self.test_set, self.config, self.device,
+            self.model.backbone,
+            self.train_set,
+            self.test_set,
+            self.config,
+            self.device,
             sizes=sizes,
         )
 
@@ -255,37 +582,91 @@ class Trainer:
             log.log("knn_monitor", self.step, **result)
         return result
 
+    # ------------------------------------------------------------------ signals
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGTERM/SIGINT: finish the step, checkpoint, stop (status 0). A second one raises
+        KeyboardInterrupt at once (status 130): an atomic write it cuts short leaves the
+        previous checkpoint as it was."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: object) -> None:
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum  # no printing here: a handler may interrupt a print
+
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+    def _resume_command(self) -> str:
+        if self.resume_command:
+            return self.resume_command
+        out = str(self.out_dir)
+        return "mocov3 " + shlex.join(
+            [
+                "pretrain",
+                "--config",
+                str(self.out_dir / "config.yaml"),
+                "--out",
+                out,
+                "--resume",
+                "auto",
+            ]
+        )
+
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.yaml").write_text(_yaml(self.config.to_dict()))
-        log = MetricsLog(self.out_dir)
+        write_text_atomic(self.out_dir / "config.yaml", _yaml(self.config.to_dict()))
+        resumed = self.resume_from is not None
+        truncate_metrics(self.out_dir / "metrics.jsonl", self.step if resumed else None)
+        # TensorBoard drops events a killed session logged after the checkpoint
+        log = MetricsLog(self.out_dir, purge_step=self.step + 1 if resumed else None)
         progress = Progress(self.schedules.total_steps, self.config.train.log_every)
         summary: dict[str, Any] = {"epochs": self.config.train.epochs}
-        try:
-            summary.update(self._run(log, progress))
-        finally:
-            log.close()
-        plots = plot_run(self.out_dir)
-        summary["plots"] = [str(p) for p in plots]
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        with self._stop_on_signals():
+            try:
+                summary.update(self._run(log, progress))
+            finally:
+                log.close()
+            if summary.get("preempted"):
+                return summary
+            plots = plot_run(self.out_dir)
+            summary["plots"] = [str(p) for p in plots]
+            write_text_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
     def _run(self, log: MetricsLog, progress: Progress) -> dict[str, Any]:
         results: dict[str, Any] = {}
         started = time.perf_counter()
-        if self.config.eval.knn_init and (init := self.knn()) is not None:
-            log.log("knn", 0, **init)
-            progress.message(f"kNN at random init: {init}")
-            results["knn_top1_init"] = init["knn_top1"]
-        train_seconds, loss = self._train_loop(log, progress)
+        if self.resume_from is None and self.config.eval.knn_init:
+            if (init := self.knn()) is not None:
+                log.log("knn", 0, **init)
+                progress.message(f"kNN at random init: {init}")
+                self.knn_init = init
+        if self.knn_init is not None:
+            results["knn_top1_init"] = self.knn_init["knn_top1"]
+        self._train_loop(log, progress)
+        if self._stop_signal is not None:
+            return self._preempted(progress)
         images = self.schedules.total_steps * self.config.train.batch_size
+        train_seconds = max(self.train_seconds, 1e-9)
         results.update(
             images_per_second=round(images / train_seconds, 2),
-            train_seconds=round(train_seconds, 1),
-            final_loss=round(loss, 5),
+            train_seconds=round(self.train_seconds, 1),
+            final_loss=round(self.last_loss, 5),
             steps=self.schedules.total_steps,
+            skipped_steps=self.skipped_steps,
         )
+        if self.resume_from is not None:
+            results["resumed_from"] = str(self.resume_from)
         if self.config.eval.monitor_every:
             results["knn_monitor_seconds"] = round(self.monitor_seconds, 1)
             results["knn_monitor_share"] = round(self.monitor_seconds / train_seconds, 4)
@@ -296,19 +677,41 @@ class Trainer:
         results["wall_seconds"] = round(time.perf_counter() - started, 1)
         return results
 
-    def _train_loop(self, log: MetricsLog, progress: Progress) -> tuple[float, float]:
+    def _preempted(self, progress: Progress) -> dict[str, Any]:
+        """After a signal: make sure the current step is checkpointed, say how to go on."""
+        if self._saved_step != self.step:
+            self._save()
+        name = signal.Signals(self._stop_signal).name if self._stop_signal else "signal"
+        command = self._resume_command()
+        progress.message(
+            f"stopped by {name} after step {self.step}/{self.schedules.total_steps}, "
+            f"checkpoint {self.last_checkpoint}; resume with: {command}"
+        )
+        return {
+            "preempted": True,
+            "signal": name,
+            "step": self.step,
+            "checkpoint": str(self.last_checkpoint),
+            "resume_command": command,
+        }
+
+    def _train_loop(self, log: MetricsLog, progress: Progress) -> None:
         spe = self.schedules.steps_per_epoch
         batch = self.config.train.batch_size
         self.model.train()
-        train_seconds, loss, window = 0.0, math.nan, []
-        monitor_seconds, last_knn = 0.0, None
-        if self.step == 0 and (start := self.monitor(log)) is not None:
-            last_knn = start["knn_top1"]  # the monitor's own starting point, same subset
-        while self.step < self.schedules.total_steps:
+        window: list[float] = []
+        if (start := self.monitor(log)) is not None:
+            self.last_knn = start["knn_top1"]  # the monitor's own starting point, same subset
+        while self.step < self.schedules.total_steps and self._stop_signal is None:
             tic = time.perf_counter()
             loss = self.train_step(self.step)
             elapsed = time.perf_counter() - tic
-            train_seconds += elapsed
+            self.train_seconds += elapsed
+            self.last_loss = loss
+            if self._skipped_now is not None:
+                progress.message(f"warning: skipped the step: {self._skipped_now}")
+                log.log("skipped", self.step + 1, reason=self._skipped_now)
+                self._skipped_now = None
             window = (window + [elapsed])[-20:]
             per_step = sum(window) / len(window)
             values = {
@@ -320,26 +723,38 @@ class Trainer:
             if (self.step + 1) % self.config.train.log_every == 0 or self.step == 0:
                 log.log("train", self.step + 1, epoch=(self.step + 1) / spe, **values)
             fields = _progress_fields(values, self.step, spe)
-            if last_knn is not None:
-                fields["knn"] = f"{last_knn:.1f}"
+            if self.last_knn is not None:
+                fields["knn"] = f"{self.last_knn:.1f}"
             progress.update(self.step, fields, per_step)
             self.step += 1
-            self._maybe_checkpoint(log)
+            self._maybe_checkpoint()
+            if self._stop_signal is not None:
+                break
             tic = time.perf_counter()
             if (result := self.monitor(log)) is not None:
-                last_knn = result["knn_top1"]
-                monitor_seconds += time.perf_counter() - tic
-        self.monitor_seconds = monitor_seconds
-        return train_seconds, loss
+                self.last_knn = result["knn_top1"]
+                self.monitor_seconds += time.perf_counter() - tic
 
-    def _maybe_checkpoint(self, log: MetricsLog) -> None:
-        spe = self.schedules.steps_per_epoch
+    def _maybe_checkpoint(self) -> None:
+        t, spe = self.config.train, self.schedules.steps_per_epoch
         at_end = self.step == self.schedules.total_steps
-        every = self.config.train.checkpoint_every * spe
-        if at_end or self.step % every == 0:
-            save_checkpoint(self.checkpoint_state(), self.out_dir / "checkpoint.pt")
-        if not at_end and self.step % (self.config.train.plot_every * spe) == 0:
+        every = t.checkpoint_every_steps or t.checkpoint_every * spe
+        epoch, within = divmod(self.step, spe)
+        milestone = epoch if within == 0 and epoch in t.milestones else None
+        if at_end or self.step % every == 0 or milestone is not None:
+            self._save(milestone)
+        if not at_end and self.step % (t.plot_every * spe) == 0:
             plot_run(self.out_dir)
+
+    def _save(self, milestone: int | None = None) -> None:
+        self.last_checkpoint = save_run_checkpoint(
+            self.checkpoint_state(),
+            self.out_dir,
+            self.step,
+            self.config.train.keep_checkpoints,
+            milestone,
+        )
+        self._saved_step = self.step
 
 
 def _progress_fields(values: dict[str, float], step: int, steps_per_epoch: int) -> dict[str, str]:
@@ -358,6 +773,17 @@ def _yaml(values: dict[str, Any]) -> str:
     return yaml.safe_dump(values, sort_keys=False)
 
 
-def pretrain(config: Config, out_dir: str | Path) -> dict[str, Any]:
-    """Run MoCo v3 pretraining into ``out_dir`` and return the summary dict."""
-    return Trainer(config, out_dir).run()
+def pretrain(
+    config: Config,
+    out_dir: str | Path,
+    resume: str | Path | None = None,
+    resume_command: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Run MoCo v3 pretraining into ``out_dir`` and return the summary dict (with
+    ``preempted: true`` when a signal stopped it; see :class:`Trainer` for ``resume``).
+    ``overwrite``: start a new run even where an earlier run left checkpoints."""
+    trainer = Trainer(
+        config, out_dir, resume=resume, resume_command=resume_command, overwrite=overwrite
+    )
+    return trainer.run()

@@ -180,3 +180,30 @@ def test_missing_dataset_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1
     assert "apt-get install dataset-fashion-mnist" in err[0] and "--data-dir" in err[0]
+
+
+def test_new_run_never_replaces_an_earlier_run_silently(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [
+        "pretrain",
+        "--config",
+        "configs/tiny.yaml",
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--set",
+        "data.subset=256",
+        "--set",
+        "eval.knn_init=false",
+        "--set",
+        "eval.knn_final=false",
+    ]
+    assert main(argv) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a run" in err[0] and "--resume auto" in err[0]
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert main([*argv, "--overwrite"]) == 0
