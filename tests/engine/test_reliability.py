@@ -7,7 +7,6 @@ same bits."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -447,23 +446,34 @@ def test_resume_auto_skips_corrupt_and_partial_checkpoints(straight, tmp_path, c
     assert_same_training_state(load_checkpoint(out), load_checkpoint(straight))
 
 
-def test_full_disk_during_a_checkpoint_write(tmp_path, monkeypatch):
-    """ENOSPC as fsync reports it on a full filesystem: one line, old file intact, no temp."""
-    path = tmp_path / "checkpoint.pt"
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A real 256 KiB tmpfs (needs root, as on this project's machines and CI)."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_full_disk_during_a_checkpoint_write(tiny_filesystem):
+    """A real full filesystem (ENOSPC): one line, previous checkpoint intact, no temp file."""
+    path = tiny_filesystem / "checkpoint.pt"
     save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}}, path)
     before = path.read_bytes()
-
-    def full(fd):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(os, "fsync", full)
+    too_big = {"model": {"w": torch.ones(200_000)}, "config": {}}  # 800 kB > 256 KiB
     with pytest.raises(CheckpointError) as error:
-        save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, path)
-    monkeypatch.undo()
+        save_checkpoint(too_big, path)
     message = str(error.value)
     assert "No space left on device" in message and "ENOSPC" in message
     assert "previous checkpoint is intact" in message and "\n" not in message
-    assert path.read_bytes() == before and os.listdir(tmp_path) == ["checkpoint.pt"]
+    assert path.read_bytes() == before and os.listdir(tiny_filesystem) == ["checkpoint.pt"]
 
 
 def test_file_size_limit_stops_a_run_with_one_line(straight, tmp_path, capsys):
