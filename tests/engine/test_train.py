@@ -8,10 +8,15 @@ from mocov3.cli import main
 from mocov3.engine.checkpoint import load_checkpoint
 
 
+def tiny_pretrain(out, *extra: str) -> list[str]:
+    """``mocov3 pretrain`` arguments for the tiny preset into ``out``, plus ``extra``."""
+    return ["pretrain", "--config", "configs/tiny.yaml", "--out", str(out), *extra]
+
+
 def test_pretrain_lifts_knn_and_writes_the_run_directory(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["pretrain", "--config", "configs/tiny.yaml", "--out", str(out), "--epochs", "8"]
-    status = main([*argv, "--set", "train.log_every=20", "--set", "eval.monitor_every=64"])
+    extra = ["--set", "train.log_every=20", "--set", "eval.monitor_every=64"]
+    status = main(tiny_pretrain(out, "--epochs", "8", *extra))
     assert status == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     summary = json.loads((out / "summary.json").read_text())
@@ -53,22 +58,7 @@ def test_pretrain_lifts_knn_and_writes_the_run_directory(tmp_path, capsys):
 
 def test_knn_command_on_a_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    assert (
-        main(
-            [
-                "pretrain",
-                "--config",
-                "configs/tiny.yaml",
-                "--out",
-                str(out),
-                "--epochs",
-                "1",
-                "--set",
-                "eval.knn_init=false",
-            ]
-        )
-        == 0
-    )
+    assert main(tiny_pretrain(str(out), "--epochs", "1", "--set", "eval.knn_init=false")) == 0
     summary = json.loads((out / "summary.json").read_text())
     capsys.readouterr()
     assert (
@@ -110,11 +100,7 @@ def test_pretrain_on_a_folder_of_images(tmp_path, capsys):
     _write_folder(tmp_path / "images")
     out = tmp_path / "run"
     status = main(
-        [
-            "pretrain",
-            "--config",
-            "configs/tiny.yaml",
-            "--out",
+        tiny_pretrain(
             str(out),
             "--data",
             f"folder:{tmp_path / 'images'}",
@@ -128,7 +114,7 @@ def test_pretrain_on_a_folder_of_images(tmp_path, capsys):
             "data.subset=null",
             "--set",
             "eval.knn_k=[5]",
-        ]
+        )
     )
     assert status == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -143,11 +129,7 @@ def test_folder_without_val_trains_and_skips_knn(tmp_path, capsys):
     out = tmp_path / "run"
     assert (
         main(
-            [
-                "pretrain",
-                "--config",
-                "configs/tiny.yaml",
-                "--out",
+            tiny_pretrain(
                 str(out),
                 "--data",
                 f"folder:{tmp_path / 'images'}",
@@ -157,7 +139,7 @@ def test_folder_without_val_trains_and_skips_knn(tmp_path, capsys):
                 "data.image_size=14",
                 "--set",
                 "train.batch_size=16",
-            ]
+            )
         )
         == 0
     )
@@ -166,17 +148,7 @@ def test_folder_without_val_trains_and_skips_knn(tmp_path, capsys):
 
 
 def test_missing_dataset_is_one_clear_line(tmp_path, capsys):
-    status = main(
-        [
-            "pretrain",
-            "--config",
-            "configs/tiny.yaml",
-            "--out",
-            str(tmp_path / "run"),
-            "--data-dir",
-            str(tmp_path),
-        ]
-    )
+    status = main(tiny_pretrain(str(tmp_path / "run"), "--data-dir", str(tmp_path)))
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1
     assert "apt-get install dataset-fashion-mnist" in err[0] and "--data-dir" in err[0]
@@ -184,21 +156,8 @@ def test_missing_dataset_is_one_clear_line(tmp_path, capsys):
 
 def test_new_run_never_replaces_an_earlier_run_silently(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = [
-        "pretrain",
-        "--config",
-        "configs/tiny.yaml",
-        "--out",
-        str(out),
-        "--epochs",
-        "1",
-        "--set",
-        "data.subset=256",
-        "--set",
-        "eval.knn_init=false",
-        "--set",
-        "eval.knn_final=false",
-    ]
+    off = ["eval.knn_init=false", "eval.knn_final=false", "data.subset=256"]
+    argv = tiny_pretrain(out, "--epochs", "1", *[arg for key in off for arg in ("--set", key)])
     assert main(argv) == 0
     before = (out / "checkpoint.pt").read_bytes()
     capsys.readouterr()
