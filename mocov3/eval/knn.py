@@ -20,9 +20,14 @@ def normalize_images(
     images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
     """uint8 ``[B, C, H, W]`` -> float32 standardised with per-channel mean/std."""
+    return standardize(images.float() / 255.0, mean, std)
+
+
+def standardize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """float ``[B, C, H, W]`` in [0, 1] -> standardised with per-channel mean/std."""
     mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images.float() / 255.0 - mean_t) / std_t
+    return (images - mean_t) / std_t
 
 
 @torch.no_grad()

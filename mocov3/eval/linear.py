@@ -44,6 +44,7 @@ from torch import nn
 from mocov3.data.augment import counter_uniform, resized_crop_flip, sample_crop_boxes, sample_keys
 from mocov3.engine.precision import autocast_context
 from mocov3.eval.common import add_data_args, data_overrides, open_checkpoint, snapshot, unchanged
+from mocov3.eval.knn import extract_features, standardize
 
 MOMENTUM = 0.9
 INIT_STD = 0.01  # the reference initialises the classifier weight with N(0, 0.01), bias 0
@@ -296,8 +297,6 @@ def augmented_features(
     was_training = backbone.training
     backbone.eval()
     size = images.shape[-1]
-    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
     chunks = []
     try:
         for chunk in indices.split(batch_size):
@@ -305,7 +304,7 @@ def augmented_features(
             keys = sample_keys(seed, epoch, chunk).to(device)
             boxes = sample_crop_boxes(keys, 0, x.shape[2], x.shape[3], AUG_SCALE, AUG_RATIO)
             flip = counter_uniform(keys, _AUG_FLIP_STREAM) < 0.5
-            x = (resized_crop_flip(x, boxes, flip, size) - mean_t) / std_t
+            x = standardize(resized_crop_flip(x, boxes, flip, size), mean, std)
             with autocast_context(device, precision):
                 chunks.append(backbone(x).float().cpu())
     finally:
@@ -326,8 +325,6 @@ def probe_backbone(
 ) -> dict[str, Any]:
     """Snapshot the backbone, extract features (eval mode), :func:`linear_probe`, then check
     that no backbone tensor changed (``backbone_unchanged``). ``lrs`` are actual lrs."""
-    from mocov3.eval.knn import extract_features
-
     before = snapshot(backbone)
     mean, std = train_set.mean, train_set.std
     args = (mean, std, device, feature_batch_size, precision)
