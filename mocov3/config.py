@@ -58,6 +58,12 @@ class DataConfig:
     subset: int | None = None  # use the first N training images (tests, quick tries)
     synthetic_size: int = 2048  # number of generated training images for ``synthetic``
     strict: bool = False  # unreadable image files stop the run instead of being skipped
+    # memory: decode every training image once into a uint8 tensor; stream: decode each batch
+    # in DataLoader workers (folders only; for sets too large for memory); auto: memory
+    # unless a folder's decoded images would exceed data.memory_limit_gb
+    loader: str = "auto"
+    memory_limit_gb: float = 8.0
+    workers: int | None = None  # stream: DataLoader worker processes (None: per machine)
 
 
 @dataclass
@@ -117,6 +123,10 @@ class TrainConfig:
     milestones: tuple[int, ...] = ()  # epochs whose checkpoints are kept for good
     skip_nonfinite: bool = False  # skip steps with a non-finite loss or gradient (else stop)
     plot_every: int = 1  # epochs between plot refreshes
+    tf32: bool = True  # CUDA, Ampere or newer: fp32 matmuls/convolutions in TF32 (ignored on CPU)
+    channels_last: bool = False  # NHWC memory layout for convolutional backbones (ResNet)
+    compile: bool = False  # torch.compile the backbones (1-2 min to compile; ~8% on CPU)
+    dist_timeout_minutes: float = 30.0  # how long a process waits for the others (DDP)
 
 
 @dataclass
@@ -435,6 +445,13 @@ def validate(config: Config) -> None:
         t.threads is None or t.threads >= 0,
         "train.threads must be >= 0 (0 or null: torch's default)",
     )
+    _require(
+        d.loader in ("auto", "memory", "stream"),
+        f"data.loader '{d.loader}' must be auto, memory or stream",
+    )
+    _require(d.memory_limit_gb > 0, "data.memory_limit_gb must be positive")
+    _require(d.workers is None or d.workers >= 0, "data.workers must be >= 0 (or null: auto)")
+    _require(t.dist_timeout_minutes > 0, "train.dist_timeout_minutes must be positive")
     _require(len(e.knn_k) >= 1 and all(k >= 1 for k in e.knn_k), "eval.knn_k must be positive")
     _require(e.knn_temperature > 0, "eval.knn_temperature must be positive")
     _require(e.batch_size >= 1, "eval.batch_size must be >= 1")

@@ -26,6 +26,7 @@ from mocov3 import __version__
 from mocov3.config import Config, ConfigError, config_from_dict, resolve_model_dims
 from mocov3.data.augment import TwoViewAugment, sample_keys
 from mocov3.data.datasets import ImageDataset, has_test_split, load_split
+from mocov3.data.sampling import StepSampler
 from mocov3.engine.checkpoint import (
     CheckpointError,
     check_resumable,
@@ -98,12 +99,6 @@ def build_schedules(config: Config, num_images: int) -> Schedules:
     lr = warmup_cosine(peak, total, warmup, config.optim.min_lr)
     momentum = momentum_cosine(config.moco.momentum, total, config.moco.momentum_cosine)
     return Schedules(lr, momentum, steps_per_epoch)
-
-
-def epoch_order(seed: int, epoch: int, num_images: int) -> torch.Tensor:
-    """The shuffled sample order of one epoch, a function of (seed, epoch) only."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_images, generator=generator)
 
 
 def evaluate_knn(
@@ -271,6 +266,21 @@ def truncate_metrics(path: Path, step: int | None) -> None:
     write_text_atomic(path, "".join(kept))
 
 
+class MemoryBatches:
+    """Batches of an in-memory uint8 dataset: ``batches(step)`` -> (images ``[b, C, H, W]``
+    uint8 on ``device``, sample indices ``[b]``), ``b`` the per-process batch."""
+
+    def __init__(self, images: torch.Tensor, sampler: StepSampler, device: torch.device) -> None:
+        self.images, self.sampler, self.device = images, sampler, device
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = self.sampler.indices(step)
+        return self.images[indices].to(self.device, non_blocking=True), indices
+
+    def close(self) -> None:
+        """Nothing to release (streaming sources stop their workers here)."""
+
+
 class Trainer:
     """Holds what one pretraining run needs; ``run`` does the work and returns the summary.
 
@@ -324,7 +334,10 @@ class Trainer:
             (name, p) for name, p in self.model.named_parameters() if p.requires_grad
         ]
         self.step = 0
-        self._order_epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+        self.sampler = StepSampler(
+            len(self.train_set), config.train.batch_size, config.train.seed
+        )
+        self.batches = MemoryBatches(self.train_set.images, self.sampler, self.device)
         self.train_seconds = self.monitor_seconds = 0.0
         self.skipped_steps = 0
         self.last_loss = math.nan
@@ -448,14 +461,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        spe = self.schedules.steps_per_epoch
-        epoch, index = divmod(step, spe)
-        if self._order_epoch != epoch:
-            self._order = epoch_order(self.config.train.seed, epoch, len(self.train_set))
-            self._order_epoch = epoch
-        batch = self.config.train.batch_size
-        indices = self._order[index * batch : (index + 1) * batch]
-        images = self.train_set.images[indices].to(self.device, non_blocking=True)
+        """This process's two augmented views at ``step``; the augmentation of each image is
+        drawn from (seed, epoch, sample index) alone, so it does not depend on the world size."""
+        images, indices = self.batches(step)
+        epoch = step // self.schedules.steps_per_epoch
         keys = sample_keys(self.config.train.seed, epoch, indices).to(self.device)
         return self.augment(images, keys)
 

@@ -53,12 +53,12 @@ from torch import nn
 from mocov3.config import ConfigError
 from mocov3.data.augment import counter_uniform, resized_crop_flip, sample_crop_boxes, sample_keys
 from mocov3.data.datasets import DatasetError, ImageDataset
+from mocov3.data.sampling import epoch_order
 from mocov3.engine.precision import autocast_context, resolve_precision
 from mocov3.engine.schedules import scaled_lr, warmup_cosine
 from mocov3.engine.train import (
     TrainingError,
     check_precision,
-    epoch_order,
     load_data,
     resolve_device,
     seed_everything,
