@@ -18,6 +18,7 @@ from mocov3.eval.common import add_data_args, data_overrides
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from mocov3.engine.distributed import launched_info
     from mocov3.engine.train import pretrain
 
     overrides = data_overrides(args)
@@ -34,6 +35,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     summary = pretrain(
         config, out, resume=args.resume, resume_command=command, overwrite=args.overwrite
     )
+    if launched_info().rank != 0:  # under torchrun only the main process reports
+        return 0
     if not summary.get("preempted"):
         print(
             f"run directory: {out}  plots: {', '.join(Path(p).name for p in summary['plots'])}",

@@ -456,5 +456,7 @@ def validate(config: Config) -> None:
     _require(e.knn_temperature > 0, "eval.knn_temperature must be positive")
     _require(e.batch_size >= 1, "eval.batch_size must be >= 1")
     _require(e.monitor_every >= 0, "eval.monitor_every must be >= 0 (0 turns it off)")
-    _require(e.monitor_images is None or e.monitor_images >= 100,
-             "eval.monitor_images must be at least 100")
+    _require(
+        e.monitor_images is None or e.monitor_images >= 100,
+        "eval.monitor_images must be at least 100",
+    )

@@ -91,9 +91,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     tmp_name, recorder = None, None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
-        )
+        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(handle, "wb") as stream:
             recorder = _WriteRecorder(stream)
             torch.save(state, recorder)
@@ -304,9 +302,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py["version"], words, py["gauss"]))
     npy = state["numpy"]
     keys = npy["keys"].numpy().astype(np.uint32)
-    np.random.set_state(
-        (npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
-    )
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     cuda = list(state.get("cuda", []))
     if cuda and torch.cuda.is_available():

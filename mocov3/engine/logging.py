@@ -42,6 +42,16 @@ class MetricsLog:
             self._writer.close()
 
 
+class NullLog:
+    """What processes other than the main one log to: nothing."""
+
+    def log(self, kind: str, step: int, **values: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -62,13 +72,18 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """A progress line: redrawn in place on a terminal, printed every ``every`` steps otherwise."""
 
-    def __init__(self, total_steps: int, every: int, stream: TextIO | None = None) -> None:
+    def __init__(
+        self, total_steps: int, every: int, stream: TextIO | None = None, quiet: bool = False
+    ) -> None:
         self.total = total_steps
         self.every = every
         self.stream = stream or sys.stderr
         self.interactive = self.stream.isatty()
+        self.quiet = quiet  # processes other than the main one print nothing
 
     def update(self, step: int, fields: dict[str, str], seconds_per_step: float) -> None:
+        if self.quiet:
+            return
         done = step + 1
         if not self.interactive and done % self.every and done != self.total:
             return
@@ -87,6 +102,8 @@ class Progress:
         self.stream.flush()
 
     def message(self, text: str) -> None:
+        if self.quiet:
+            return
         if self.interactive:
             self.stream.write("\r" + " " * 110 + "\r")
         self.stream.write(text + "\n")

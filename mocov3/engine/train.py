@@ -26,7 +26,7 @@ from mocov3 import __version__
 from mocov3.config import Config, ConfigError, config_from_dict, resolve_model_dims
 from mocov3.data.augment import TwoViewAugment, sample_keys
 from mocov3.data.datasets import ImageDataset, has_test_split, load_split
-from mocov3.data.sampling import StepSampler
+from mocov3.data.sampling import StepSampler, per_process_batch
 from mocov3.engine.checkpoint import (
     CheckpointError,
     check_resumable,
@@ -39,8 +39,25 @@ from mocov3.engine.checkpoint import (
     set_rng_state,
     write_text_atomic,
 )
-from mocov3.engine.logging import MetricsLog, Progress
+from mocov3.engine.distributed import (
+    ProcessInfo,
+    barrier,
+    cpu_threads_per_process,
+    device_for,
+    is_distributed,
+    launched_info,
+    process_group,
+    sum_over_processes,
+    wrap_ddp,
+)
+from mocov3.engine.logging import MetricsLog, NullLog, Progress
 from mocov3.engine.optim import build_optimizer
+from mocov3.engine.performance import (
+    apply_memory_format,
+    compile_backbones,
+    set_tf32,
+    to_memory_format,
+)
 from mocov3.engine.precision import autocast_context, resolve_precision
 from mocov3.engine.schedules import momentum_cosine, scaled_lr, warmup_cosine
 from mocov3.eval.knn import extract_features, knn_accuracy
@@ -52,10 +69,15 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message is one line."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+def resolve_device(name: str, process: ProcessInfo | None = None) -> torch.device:
+    """``auto``: CUDA when visible, else CPU; under torchrun each process takes the GPU of
+    its local rank."""
+    try:
+        device = device_for(name, process or ProcessInfo())
+    except RuntimeError:
+        raise TrainingError(
+            f"train.device '{name}' is not a device name; use auto, cpu or cuda"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"train.device '{name}' asked for CUDA but no GPU is visible; use cpu")
     return device
@@ -296,22 +318,32 @@ class Trainer:
         resume: str | Path | None = None,
         resume_command: str | None = None,
         overwrite: bool = False,
+        process: ProcessInfo | None = None,
     ) -> None:
         self.config = config
         self.out_dir = Path(out_dir)
         self.resume_command = resume_command
+        self.process = process or ProcessInfo()
+        self.is_main = self.process.is_main
+        # every process checks (they all fail alike); only the main process changes files
+        per_process_batch(config.train.batch_size, self.process.world_size)
         check_writable(self.out_dir)
-        remove_temporary_files(self.out_dir)  # what a killed atomic write left behind
+        if self.is_main:
+            remove_temporary_files(self.out_dir)  # what a killed atomic write left behind
         if resume is None and not overwrite:
             refuse_existing_run(self.out_dir)
         self.resume_from: Path | None = None
         state = self._find_resume(resume)  # before the data: a wrong checkpoint fails fast
-        self.device = resolve_device(config.train.device)
+        self.device = resolve_device(config.train.device, self.process)
         check_precision(config.train.precision, self.device)
         # resolved once, stored in the run's config.yaml so the run says what it used
         config.train.precision = resolve_precision(config.train.precision, self.device)
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
+        elif self.device.type == "cpu" and self.process.local_world_size > 1:
+            # torchrun sets 1 thread per process; share the node's cores instead
+            torch.set_num_threads(cpu_threads_per_process(self.process))
+        self.tf32 = set_tf32(config.train.tf32, self.device)
         seed_everything(config.train.seed)
         evaluates = config.eval.knn_init or config.eval.knn_final
         self.train_set, self.test_set = load_data(config, with_test=evaluates)
@@ -322,6 +354,15 @@ class Trainer:
             )
         self.schedules = build_schedules(config, len(self.train_set))
         self.model: MoCo = build_moco(config, self.train_set.channels).to(self.device)
+        apply_memory_format(self.model, config.train)
+        compile_backbones(self.model, config.train)
+        # DDP averages the gradients over processes (each loss is its own batch's mean, so
+        # the average is the global batch's mean); it starts from rank 0's weights. The
+        # heads' BN statistics are synchronised by SyncBatchNorm1d itself, so buffers need
+        # no broadcast.
+        self.forward_model: torch.nn.Module = self.model
+        if is_distributed():
+            self.forward_model = wrap_ddp(self.model, self.device)
         self.optimizer = build_optimizer(self.model, config.optim, self.device)
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=config.train.precision == "fp16"
@@ -335,7 +376,11 @@ class Trainer:
         ]
         self.step = 0
         self.sampler = StepSampler(
-            len(self.train_set), config.train.batch_size, config.train.seed
+            len(self.train_set),
+            config.train.batch_size,
+            config.train.seed,
+            self.process.rank,
+            self.process.world_size,
         )
         self.batches = MemoryBatches(self.train_set.images, self.sampler, self.device)
         self.train_seconds = self.monitor_seconds = 0.0
@@ -346,10 +391,17 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._saved_step = -1
         self._stop_signal: int | None = None
+        self._stopping = False  # the stop all processes agreed on (see _agree_to_stop)
         self._skipped_now: str | None = None
         if state is not None:
             self._restore(state)
-        self._remove_later_checkpoints()
+        barrier()  # every process has read its checkpoint before the main one cleans up
+        if self.is_main:
+            self._remove_later_checkpoints()
+
+    def close(self) -> None:
+        """Release the input pipeline (streaming workers); safe to call more than once."""
+        self.batches.close()
 
     # ------------------------------------------------------------------ resume
     def _find_resume(self, resume: str | Path | None) -> dict[str, Any] | None:
@@ -466,7 +518,24 @@ class Trainer:
         images, indices = self.batches(step)
         epoch = step // self.schedules.steps_per_epoch
         keys = sample_keys(self.config.train.seed, epoch, indices).to(self.device)
-        return self.augment(images, keys)
+        x1, x2 = self.augment(images, keys)
+        return to_memory_format(x1, self.config.train), to_memory_format(x2, self.config.train)
+
+    def global_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a per-process scalar over all processes (itself when alone): the
+        loss of the global batch, identical on every process, so every process takes the
+        same decisions from it."""
+        return sum_over_processes(value.detach().float().reshape(1))[0] / self.process.world_size
+
+    def _agree_to_stop(self) -> bool:
+        """Whether any process got a stop signal: a signal may reach the processes at
+        different steps, and they must all stop after the same one."""
+        local = self._stop_signal is not None
+        if is_distributed():
+            flag = torch.tensor([float(local)], device=self.device)
+            local = bool(sum_over_processes(flag)[0] > 0)
+        self._stopping = local
+        return local
 
     def first_nonfinite_grad(self) -> str | None:
         """``"NAME (nan)"`` for the first trainable parameter whose gradient holds a NaN or
@@ -494,16 +563,19 @@ class Trainer:
         skip = self.config.train.skip_nonfinite
         buffers = [b.detach().clone() for b in self.model.buffers()] if skip else None
         with autocast_context(self.device, self.config.train.precision):
-            loss = self.model(x1, x2, float(self.schedules.momentum[step]))
+            loss = self.forward_model(x1, x2, float(self.schedules.momentum[step]))
         self.optimizer.zero_grad(set_to_none=True)
         bad = None
-        if not torch.isfinite(loss):
-            bad = f"loss became {loss.item()}"
+        global_loss = float(self.global_mean(loss))
+        if not math.isfinite(global_loss):
+            bad = f"loss became {global_loss}"
         else:
+            # (DDP's gradient all-reduce makes the gradients, and this check, identical
+            # on every process)
             self.scaler.scale(loss).backward()
             # with an fp16 scaler, inf gradients are routine: the scaler skips those steps
             if not self.scaler.is_enabled() and (name := self.first_nonfinite_grad()):
-                bad = f"gradient of {name} became non-finite (loss {loss.item():.4g})"
+                bad = f"gradient of {name} became non-finite (loss {global_loss:.4g})"
         if bad is not None:
             where = f"{bad} at step {step + 1} (lr {lr:.3g})"
             if not skip:
@@ -522,10 +594,10 @@ class Trainer:
                     buffer.copy_(saved)
             self.skipped_steps += 1
             self._skipped_now = where
-            return float(loss.item())
+            return global_loss
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return loss.item()
+        return global_loss
 
     def checkpoint_state(self) -> dict[str, Any]:
         spe = self.schedules.steps_per_epoch
@@ -556,7 +628,9 @@ class Trainer:
         }
 
     def knn(self, sizes: tuple[int | None, int | None] | None = None) -> dict[str, float] | None:
-        if self.test_set is None:
+        """kNN top-1 of the query backbone; the main process evaluates, the others go on to
+        the next step and wait for it there."""
+        if self.test_set is None or not self.is_main:
             return None
         return evaluate_knn(
             self.model.backbone,
@@ -580,7 +654,7 @@ class Trainer:
         total = max(total, 100)
         return min(total * 4 // 5, len(self.train_set)), max(total // 5, 20)
 
-    def monitor(self, log: MetricsLog) -> dict[str, float] | None:
+    def monitor(self, log: MetricsLog | NullLog) -> dict[str, float] | None:
         """kNN on a subset every ``eval.monitor_every`` steps, from step 0 (not at the last
         step, which gets the full-split evaluation)."""
         every = self.config.eval.monitor_every
@@ -633,26 +707,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
-        write_text_atomic(self.out_dir / "config.yaml", _yaml(self.config.to_dict()))
+        """Train, evaluate, plot; only the main process writes files and prints."""
         resumed = self.resume_from is not None
-        truncate_metrics(self.out_dir / "metrics.jsonl", self.step if resumed else None)
-        # TensorBoard drops events a killed session logged after the checkpoint
-        log = MetricsLog(self.out_dir, purge_step=self.step + 1 if resumed else None)
-        progress = Progress(self.schedules.total_steps, self.config.train.log_every)
+        log: MetricsLog | NullLog = NullLog()
+        if self.is_main:
+            write_text_atomic(self.out_dir / "config.yaml", _yaml(self.config.to_dict()))
+            truncate_metrics(self.out_dir / "metrics.jsonl", self.step if resumed else None)
+            # TensorBoard drops events a killed session logged after the checkpoint
+            log = MetricsLog(self.out_dir, purge_step=self.step + 1 if resumed else None)
+        progress = Progress(
+            self.schedules.total_steps, self.config.train.log_every, quiet=not self.is_main
+        )
         summary: dict[str, Any] = {"epochs": self.config.train.epochs}
+        if self.process.world_size > 1:
+            summary["processes"] = self.process.world_size
         with self._stop_on_signals():
             try:
                 summary.update(self._run(log, progress))
             finally:
                 log.close()
-            if summary.get("preempted"):
+            if summary.get("preempted") or not self.is_main:
                 return summary
             plots = plot_run(self.out_dir)
             summary["plots"] = [str(p) for p in plots]
             write_text_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
-    def _run(self, log: MetricsLog, progress: Progress) -> dict[str, Any]:
+    def _run(self, log: MetricsLog | NullLog, progress: Progress) -> dict[str, Any]:
         results: dict[str, Any] = {}
         started = time.perf_counter()
         if self.resume_from is None and self.config.eval.knn_init:
@@ -663,7 +744,7 @@ class Trainer:
         if self.knn_init is not None:
             results["knn_top1_init"] = self.knn_init["knn_top1"]
         self._train_loop(log, progress)
-        if self._stop_signal is not None:
+        if self._stopping:
             return self._preempted(progress)
         images = self.schedules.total_steps * self.config.train.batch_size
         train_seconds = max(self.train_seconds, 1e-9)
@@ -690,7 +771,7 @@ class Trainer:
         """After a signal: make sure the current step is checkpointed, say how to go on."""
         if self._saved_step != self.step:
             self._save()
-        name = signal.Signals(self._stop_signal).name if self._stop_signal else "signal"
+        name = signal.Signals(self._stop_signal).name if self._stop_signal else "SIGTERM"
         command = self._resume_command()
         progress.message(
             f"stopped by {name} after step {self.step}/{self.schedules.total_steps}, "
@@ -704,14 +785,14 @@ class Trainer:
             "resume_command": command,
         }
 
-    def _train_loop(self, log: MetricsLog, progress: Progress) -> None:
+    def _train_loop(self, log: MetricsLog | NullLog, progress: Progress) -> None:
         spe = self.schedules.steps_per_epoch
         batch = self.config.train.batch_size
         self.model.train()
         window: list[float] = []
         if (start := self.monitor(log)) is not None:
             self.last_knn = start["knn_top1"]  # the monitor's own starting point, same subset
-        while self.step < self.schedules.total_steps and self._stop_signal is None:
+        while self.step < self.schedules.total_steps and not self._agree_to_stop():
             tic = time.perf_counter()
             loss = self.train_step(self.step)
             elapsed = time.perf_counter() - tic
@@ -737,7 +818,7 @@ class Trainer:
             progress.update(self.step, fields, per_step)
             self.step += 1
             self._maybe_checkpoint()
-            if self._stop_signal is not None:
+            if self._agree_to_stop():
                 break
             tic = time.perf_counter()
             if (result := self.monitor(log)) is not None:
@@ -752,10 +833,13 @@ class Trainer:
         milestone = epoch if within == 0 and epoch in t.milestones else None
         if at_end or self.step % every == 0 or milestone is not None:
             self._save(milestone)
-        if not at_end and self.step % (t.plot_every * spe) == 0:
+        if self.is_main and not at_end and self.step % (t.plot_every * spe) == 0:
             plot_run(self.out_dir)
 
     def _save(self, milestone: int | None = None) -> None:
+        if not self.is_main:  # the main process writes for all (they hold the same state)
+            self._saved_step = self.step
+            return
         self.last_checkpoint = save_run_checkpoint(
             self.checkpoint_state(),
             self.out_dir,
@@ -791,8 +875,22 @@ def pretrain(
 ) -> dict[str, Any]:
     """Run MoCo v3 pretraining into ``out_dir`` and return the summary dict (with
     ``preempted: true`` when a signal stopped it; see :class:`Trainer` for ``resume``).
-    ``overwrite``: start a new run even where an earlier run left checkpoints."""
-    trainer = Trainer(
-        config, out_dir, resume=resume, resume_command=resume_command, overwrite=overwrite
-    )
-    return trainer.run()
+    ``overwrite``: start a new run even where an earlier run left checkpoints.
+
+    Under ``torchrun`` with several processes this joins the process group (gloo on CPU,
+    NCCL on CUDA) and leaves it on every way out; each process returns its summary, the
+    main process's being the full one."""
+    device = resolve_device(config.train.device, launched_info())
+    with process_group(device, config.train.dist_timeout_minutes) as process:
+        trainer = Trainer(
+            config,
+            out_dir,
+            resume=resume,
+            resume_command=resume_command,
+            overwrite=overwrite,
+            process=process,
+        )
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()

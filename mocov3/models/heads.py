@@ -4,11 +4,58 @@ Every Linear is bias-free; hidden layers are Linear-BN-ReLU; the last layer is L
 followed, when ``last_bn``, by an affine-free BatchNorm. ViT: projector 3 layers
 ``D -> 4096 -> 4096 -> 256``, predictor 2 layers ``256 -> 4096 -> 256``, both with the last
 BN. (ResNet: projector 2 layers with last BN, predictor 2 layers without.)
+
+The BatchNorms are :class:`SyncBatchNorm1d`: statistics over the *global* batch of a view,
+as the reference (SyncBN over all GPUs), in one process or many.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+from mocov3.engine.distributed import differentiable_sum, is_distributed, rank_and_world
+
+
+class SyncBatchNorm1d(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` whose training statistics span every process's batch.
+
+    Alone it *is* ``nn.BatchNorm1d`` (same code path, same state-dict keys). Under DDP it
+    all-reduces the per-feature sum and then the sum of squared deviations (two passes,
+    as accurate as one process's), with gradients flowing back through the reductions.
+    Unlike ``nn.SyncBatchNorm`` it also runs on CPU with gloo, so a multi-process run can
+    be tested, and checked against one process, on any machine.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        return self._global_batch_norm(x)
+
+    def _global_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
+        _, world = rank_and_world()
+        count = x.shape[0] * world  # every process holds the same per-process batch
+        values = x.float()
+        mean = differentiable_sum(values.sum(dim=0)) / count
+        centred = values - mean
+        var = differentiable_sum((centred * centred).sum(dim=0)) / count  # biased, as BN
+        out = centred * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight + self.bias
+        if self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach(), count)
+        return out.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:  # cumulative moving average, as nn.BatchNorm
+            factor = 1.0 / float(self.num_batches_tracked)
+        else:
+            factor = self.momentum
+        unbiased = var * (count / max(count - 1, 1))
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
 
 
 def build_mlp(
@@ -24,8 +71,8 @@ def build_mlp(
         out_dim = output_dim if is_last else hidden_dim
         layers.append(nn.Linear(in_dim, out_dim, bias=False))
         if not is_last:
-            layers += [nn.BatchNorm1d(out_dim), nn.ReLU(inplace=True)]
+            layers += [SyncBatchNorm1d(out_dim), nn.ReLU(inplace=True)]
         elif last_bn:
             # affine-free: the paper's heads end in a plain standardisation
-            layers.append(nn.BatchNorm1d(out_dim, affine=False))
+            layers.append(SyncBatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*layers)

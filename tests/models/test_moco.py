@@ -24,13 +24,13 @@ def test_heads_match_paper_structure():
     kinds = [type(m).__name__ for m in projector]
     assert kinds == [
         "Linear",
-        "BatchNorm1d",
+        "SyncBatchNorm1d",
         "ReLU",
         "Linear",
-        "BatchNorm1d",
+        "SyncBatchNorm1d",
         "ReLU",
         "Linear",
-        "BatchNorm1d",
+        "SyncBatchNorm1d",
     ]
     assert all(m.bias is None for m in projector if isinstance(m, nn.Linear))
     assert [m.affine for m in projector if isinstance(m, nn.BatchNorm1d)] == [True, True, False]
@@ -38,10 +38,10 @@ def test_heads_match_paper_structure():
     predictor = build_mlp(2, 256, 4096, 256)
     assert [type(m).__name__ for m in predictor] == [
         "Linear",
-        "BatchNorm1d",
+        "SyncBatchNorm1d",
         "ReLU",
         "Linear",
-        "BatchNorm1d",
+        "SyncBatchNorm1d",
     ]
     assert predictor[-1].affine is False
     no_last_bn = build_mlp(2, 256, 4096, 256, last_bn=False)  # ResNet predictor
