@@ -61,6 +61,13 @@ def resume_command(argv: Sequence[str]) -> str:
         if Path(sys.argv[0]).name == "__main__.py"
         else "mocov3"
     )
+    from mocov3.engine.distributed import launched_info
+
+    process = launched_info()
+    if process.world_size > 1:  # relaunch the same way, on the same number of processes
+        nodes = process.world_size // max(process.local_world_size, 1)
+        where = f"--nnodes {nodes} <the same rendezvous flags> " if nodes > 1 else ""
+        program = f"torchrun {where}--nproc-per-node {process.local_world_size} -m mocov3"
     return f"{program} {shlex.join([*kept, '--resume', 'auto'])}"
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -182,3 +184,54 @@ def test_two_gloo_processes_train_exactly_like_one(tmp_path):
         with torch.no_grad():
             outputs.append(model.predictor(model.projector(model.backbone(x))))
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-3, atol=1e-3)
+
+
+def _torchrun(out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "mocov3", "pretrain", "--config", "configs/tiny.yaml", "--out", str(out),
+        *[arg for item in RUN for arg in ("--set", item)], "--set", "train.epochs=3", *extra,
+    ]  # fmt: skip
+
+
+def test_sigterm_to_torchrun_stops_every_process_after_one_checkpoint(tmp_path):
+    """torchrun forwards SIGTERM to its workers, which may see it at different steps: they
+    agree on one step, the main process checkpoints it, every process exits, and the same
+    torchrun command with --resume auto finishes the run."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    agent = subprocess.Popen(
+        _torchrun(out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group: we can tell when all are gone
+    )
+    lines = []
+    for line in agent.stdout:  # wait for rank 0's progress line of step 3 (no polling)
+        lines.append(line)
+        if "] 3/24 " in line:
+            break
+    else:
+        pytest.fail("the run ended before step 3: " + "".join(lines)[-2000:])
+    agent.send_signal(signal.SIGTERM)
+    rest, _ = agent.communicate(timeout=120)
+    output = "".join(lines) + rest
+    with pytest.raises(ProcessLookupError):
+        os.killpg(agent.pid, 0)  # no worker outlived the agent
+    stopped = re.search(r"stopped by SIGTERM after step (\d+)/24", output)
+    assert stopped, output[-2000:]
+    step = int(stopped.group(1))
+    assert 3 <= step < 24
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == step
+    assert "torchrun --nproc-per-node 2 -m mocov3 pretrain" in output
+    assert "--resume auto" in output
+
+    done = subprocess.run(
+        _torchrun(out, "--resume", "auto"), capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 24 and summary["resumed_from"].endswith(f"checkpoint-{step}.pt")
