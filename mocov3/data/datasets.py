@@ -639,6 +639,7 @@ def load_folder(
     image_size: int,
     channels: int | None = None,
     strict: bool = False,
+    limit: int | None = None,
 ) -> ImageDataset:
     """Load a folder of images into memory at ``image_size x image_size``.
 
@@ -652,11 +653,17 @@ def load_folder(
     RGB (a palette of only greys stays grey). ``channels=None`` -> 3 if any image is colour,
     else 1. Unreadable files are skipped and counted (a logged warning), or with
     ``strict=True`` raise :class:`DatasetError` naming the first one.
+
+    ``limit``: keep the first ``limit`` readable items, decoding no further than needed, so
+    that a small subset of a huge folder (a kNN memory bank) costs seconds, not an epoch of
+    decoding. Channels (when auto) and statistics then come from those items only.
     """
     split = _check_split(split)
     _check_channels(channels)
     if image_size < 1:
         raise DatasetError(f"image_size must be >= 1, got {image_size}")
+    if limit is not None and limit < 1:
+        raise DatasetError(f"limit must be >= 1 (or unset), got {limit}")
     root = Path(root).expanduser()
     folder, classes, items = _list_folder(root, split)
     if not items:
@@ -665,11 +672,8 @@ def load_folder(
             "one sub-folder per class"
         )
     mode = {None: None, 1: "L", 3: "RGB"}[channels]
-    decoded = _decode_all([p for _, p in items], image_size, mode)
-    pairs = list(zip(items, decoded, strict=True))
-    bad = [(p, r) for (_, p), r in pairs if isinstance(r, str)]
-    _check_bad(bad, len(items), folder, strict)
-    good = [(lab, p, r) for (lab, p), r in pairs if not isinstance(r, str)]
+    good, bad, tried = _decode_first(items, limit or len(items), image_size, mode)
+    _check_bad(bad, tried, folder, strict)
     images = _stack([r for _, _, r in good], channels)
     labels = torch.tensor([lab for lab, _, _ in good], dtype=torch.int64)
     mean, std = _channel_stats(images)
@@ -682,6 +686,33 @@ def load_folder(
         names=[p.relative_to(root).as_posix() for _, p, _ in good],
         skipped=len(bad),
     )
+
+
+_Decoded = tuple[int, Path, np.ndarray]
+
+
+def _decode_first(
+    items: list[tuple[int, Path]], limit: int, size: int, mode: str | None
+) -> tuple[list[_Decoded], list[tuple[Path, str]], int]:
+    """Decode items in order until ``limit`` are readable: (good, bad, number tried).
+
+    Decodes only the shortfall in each round, so unreadable files cost one more round each
+    rather than a pass over the whole folder.
+    """
+    good: list[_Decoded] = []
+    bad: list[tuple[Path, str]] = []
+    tried = 0
+    while len(good) < limit and tried < len(items):
+        chunk = items[tried : tried + limit - len(good)]
+        tried += len(chunk)
+        for (label, path), result in zip(
+            chunk, _decode_all([p for _, p in chunk], size, mode), strict=True
+        ):
+            if isinstance(result, str):
+                bad.append((path, result))
+            else:
+                good.append((label, path, result))
+    return good, bad, tried
 
 
 def _check_bad(bad: list[tuple[Path, str]], total: int, folder: Path, strict: bool) -> None:
@@ -741,7 +772,9 @@ def load_split(
     synthetic data. Synthetic splits hold ``synthetic_size`` (train) and
     ``max(512, synthetic_size // 4)`` (test) images. ``subset`` keeps the first N items;
     for Fashion-MNIST it is taken *before* resizing, because all 60k images at 224 px RGB
-    are 9 GB and take tens of seconds to resize.
+    are 9 GB and take tens of seconds to resize; for folders only the first N readable files
+    are decoded (statistics are then theirs), because a streamed folder may be far too large
+    to decode whole just to take a kNN subset of it.
     """
     split = _check_split(split)
     _check_channels(channels)
@@ -756,8 +789,9 @@ def load_split(
         path = name[len("folder:") :].strip()
         if not path:
             raise DatasetError("dataset spec 'folder:' has no path: write folder:PATH")
-        ds = load_folder(path, split, image_size or 224, channels, strict)
-    elif kind == "synthetic":
+        # decode only the first ``subset`` readable files, not the whole folder
+        return load_folder(path, split, image_size or 224, channels, strict, limit=subset)
+    if kind == "synthetic":
         n = synthetic_size if split == "train" else max(512, synthetic_size // 4)
         ds = make_synthetic(split, n, image_size or 32, channels or 1, seed)
     else:

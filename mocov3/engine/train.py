@@ -5,6 +5,7 @@ after, metrics, TensorBoard, checkpoints and plots in the run directory."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -23,9 +24,16 @@ import numpy as np
 import torch
 
 from mocov3 import __version__
-from mocov3.config import Config, ConfigError, config_from_dict, resolve_model_dims
+from mocov3.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    resolve_model_dims,
+)
 from mocov3.data.augment import TwoViewAugment, sample_keys
 from mocov3.data.datasets import ImageDataset, has_test_split, load_split
+from mocov3.data.loader import FolderIndex, StreamingBatches, folder_root, resolve_loader
 from mocov3.data.sampling import StepSampler, per_process_batch
 from mocov3.engine.checkpoint import (
     CheckpointError,
@@ -179,6 +187,84 @@ def load_data(config: Config, with_test: bool = True) -> tuple[ImageDataset, Ima
         # the test split takes the train split's channel count so features are comparable
         test_set = load_split(d.name, "test", channels=train_set.channels, **common)
     return train_set, test_set
+
+
+@dataclass
+class TrainingData:
+    """What a run trains and evaluates on.
+
+    ``kind`` memory: ``images`` holds every training image as uint8; stream: ``index``
+    lists a folder's files, decoded batch by batch in DataLoader workers. ``knn_memory`` /
+    ``test_set``: labelled images in memory for kNN (None when there are none); when
+    streaming, ``knn_memory`` is the first ``eval.train_subset`` training images.
+    """
+
+    kind: str
+    num_images: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    images: torch.Tensor | None = None
+    index: FolderIndex | None = None
+    knn_memory: ImageDataset | None = None
+    test_set: ImageDataset | None = None
+
+    def batch_source(
+        self, sampler: StepSampler, device: torch.device, config: Config, **stream: Any
+    ) -> MemoryBatches | StreamingBatches:
+        if self.images is not None:
+            return MemoryBatches(self.images, sampler, device)
+        assert self.index is not None
+        return StreamingBatches(self.index, sampler, device, workers=config.data.workers, **stream)
+
+
+def load_training_data(config: Config, with_test: bool = True) -> TrainingData:
+    """The run's data: in memory (``load_data``), or a streamed folder when ``data.loader``
+    says stream, or says auto and the decoded folder would exceed ``data.memory_limit_gb``."""
+    d = config.data
+    root = folder_root(d.name)
+    if root is None or d.loader == "memory":
+        resolve_loader(config)  # refuses data.loader=stream for a dataset that is no folder
+        train_set, test_set = load_data(config, with_test)
+        labelled = train_set if train_set.labels is not None else None
+        return TrainingData(
+            "memory",
+            len(train_set),
+            train_set.channels,
+            train_set.mean,
+            train_set.std,
+            images=train_set.images,
+            knn_memory=labelled,
+            test_set=test_set,
+        )
+    index = FolderIndex(
+        root, "train", d.image_size, d.channels, d.strict, d.subset, stats_seed=config.train.seed
+    )
+    if resolve_loader(config, len(index), index.channels) == "memory":
+        return load_training_data(_with(config, "data.loader=memory"), with_test)
+    data = TrainingData("stream", len(index), index.channels, index.mean, index.std, index=index)
+    if with_test and index.labels is not None and has_test_split(d.name):
+        common: dict[str, Any] = dict(
+            image_size=d.image_size, channels=index.channels, strict=d.strict
+        )
+        memory = load_split(d.name, "train", subset=_knn_memory_size(config, index), **common)
+        # normalised as training normalises (the memory subset's own statistics differ a bit)
+        data.knn_memory = dataclasses.replace(memory, mean=index.mean, std=index.std)
+        data.test_set = load_split(d.name, "test", subset=config.eval.test_subset, **common)
+    return data
+
+
+def _knn_memory_size(config: Config, index: FolderIndex) -> int:
+    """``eval.train_subset``, or as many images as a quarter of ``data.memory_limit_gb``
+    holds: a streamed folder is too large to hold whole for kNN."""
+    if config.eval.train_subset:
+        return min(config.eval.train_subset, len(index))
+    per_image = index.channels * config.data.image_size**2
+    return max(1, min(len(index), int(config.data.memory_limit_gb * 1e9 / 4 / per_image)))
+
+
+def _with(config: Config, override: str) -> Config:
+    return apply_overrides(config_from_dict(config.to_dict()), [override])
 
 
 def check_writable(out_dir: Path) -> None:
@@ -346,14 +432,15 @@ class Trainer:
         self.tf32 = set_tf32(config.train.tf32, self.device)
         seed_everything(config.train.seed)
         evaluates = config.eval.knn_init or config.eval.knn_final
-        self.train_set, self.test_set = load_data(config, with_test=evaluates)
+        self.data = load_training_data(config, with_test=evaluates)
+        self.knn_memory, self.test_set = self.data.knn_memory, self.data.test_set
         if evaluates and self.test_set is None:
             print(
                 "note: no labelled val/ or test/ split, so kNN evaluation is skipped",
                 file=sys.stderr,
             )
-        self.schedules = build_schedules(config, len(self.train_set))
-        self.model: MoCo = build_moco(config, self.train_set.channels).to(self.device)
+        self.schedules = build_schedules(config, self.data.num_images)
+        self.model: MoCo = build_moco(config, self.data.channels).to(self.device)
         apply_memory_format(self.model, config.train)
         compile_backbones(self.model, config.train)
         # DDP averages the gradients over processes (each loss is its own batch's mean, so
@@ -368,7 +455,7 @@ class Trainer:
             self.device.type, enabled=config.train.precision == "fp16"
         )
         self.augment = TwoViewAugment(
-            config.augment, config.data.image_size, self.train_set.mean, self.train_set.std
+            config.augment, config.data.image_size, self.data.mean, self.data.std
         )
         # the optimiser's parameters in its order, with their names (for the non-finite guard)
         self.named_trainable = [
@@ -376,13 +463,13 @@ class Trainer:
         ]
         self.step = 0
         self.sampler = StepSampler(
-            len(self.train_set),
+            self.data.num_images,
             config.train.batch_size,
             config.train.seed,
             self.process.rank,
             self.process.world_size,
         )
-        self.batches = MemoryBatches(self.train_set.images, self.sampler, self.device)
+        self.batches: MemoryBatches | StreamingBatches | None = None
         self.train_seconds = self.monitor_seconds = 0.0
         self.skipped_steps = 0
         self.last_loss = math.nan
@@ -395,13 +482,22 @@ class Trainer:
         self._skipped_now: str | None = None
         if state is not None:
             self._restore(state)
+        self.batches = self.data.batch_source(
+            self.sampler,
+            self.device,
+            config,
+            start_step=self.step,
+            stop_step=self.schedules.total_steps,
+            local_processes=self.process.local_world_size,
+        )
         barrier()  # every process has read its checkpoint before the main one cleans up
         if self.is_main:
             self._remove_later_checkpoints()
 
     def close(self) -> None:
         """Release the input pipeline (streaming workers); safe to call more than once."""
-        self.batches.close()
+        if self.batches is not None:
+            self.batches.close()
 
     # ------------------------------------------------------------------ resume
     def _find_resume(self, resume: str | Path | None) -> dict[str, Any] | None:
@@ -429,10 +525,10 @@ class Trainer:
         """Continue exactly where ``state`` was written: weights, optimiser, scaler, the
         schedule position, the metrics so far and every RNG (restored last)."""
         path = self.resume_from
-        if int(state["in_chans"]) != self.train_set.channels:
+        if int(state["in_chans"]) != self.data.channels:
             raise CheckpointError(
                 f"checkpoint {path} was trained on {state['in_chans']}-channel images, the "
-                f"data gives {self.train_set.channels}: set data.channels to match"
+                f"data gives {self.data.channels}: set data.channels to match"
             )
         spe, total = self.schedules.steps_per_epoch, self.schedules.total_steps
         if int(state["steps_per_epoch"]) != spe:
@@ -515,6 +611,7 @@ class Trainer:
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's two augmented views at ``step``; the augmentation of each image is
         drawn from (seed, epoch, sample index) alone, so it does not depend on the world size."""
+        assert self.batches is not None
         images, indices = self.batches(step)
         epoch = step // self.schedules.steps_per_epoch
         keys = sample_keys(self.config.train.seed, epoch, indices).to(self.device)
@@ -621,20 +718,20 @@ class Trainer:
                 "knn_init": self.knn_init,
             },
             "config": self.config.to_dict(),
-            "in_chans": self.train_set.channels,
-            "mean": list(self.train_set.mean),
-            "std": list(self.train_set.std),
+            "in_chans": self.data.channels,
+            "mean": list(self.data.mean),
+            "std": list(self.data.std),
             "version": __version__,
         }
 
     def knn(self, sizes: tuple[int | None, int | None] | None = None) -> dict[str, float] | None:
         """kNN top-1 of the query backbone; the main process evaluates, the others go on to
         the next step and wait for it there."""
-        if self.test_set is None or not self.is_main:
+        if self.test_set is None or self.knn_memory is None or not self.is_main:
             return None
         return evaluate_knn(
             self.model.backbone,
-            self.train_set,
+            self.knn_memory,
             self.test_set,
             self.config,
             self.device,
@@ -652,7 +749,8 @@ class Trainer:
         else:
             total = int(0.4 * ev.monitor_every * self.config.train.batch_size)
         total = max(total, 100)
-        return min(total * 4 // 5, len(self.train_set)), max(total // 5, 20)
+        memory = len(self.knn_memory) if self.knn_memory is not None else 0
+        return min(total * 4 // 5, memory), max(total // 5, 20)
 
     def monitor(self, log: MetricsLog | NullLog) -> dict[str, float] | None:
         """kNN on a subset every ``eval.monitor_every`` steps, from step 0 (not at the last
