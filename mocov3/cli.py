@@ -169,6 +169,7 @@ COMMAND_MODULES = (
     "mocov3.eval.finetune",
     "mocov3.eval.embed",
     "mocov3.report",
+    "mocov3.bench",
 )
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetError, CheckpointError)
