@@ -39,7 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils import flop_counter
 
-from mocov3.config import AugmentConfig, Config, ConfigError, load_config, resolve_model_dims
+from mocov3.config import (
+    AugmentConfig,
+    Config,
+    ConfigError,
+    is_resnet_arch,
+    load_config,
+    resolve_model_dims,
+)
 from mocov3.data.augment import TwoViewAugment, blur_radius, sample_keys
 from mocov3.engine.optim import build_optimizer
 from mocov3.engine.performance import (
@@ -672,8 +679,12 @@ def summary(
 def describe_model(config: Config, channels: int) -> str:
     dim, depth, heads = resolve_model_dims(config.model)
     m, size = config.model, config.data.image_size
+    if is_resnet_arch(m.arch):
+        trunk = f"{m.arch}{' small stem' if m.small_stem else ''}"
+    else:
+        trunk = f"ViT {dim}/{depth}/{heads} patch {m.patch_size}"
     return (
-        f"ViT {dim}/{depth}/{heads} patch {m.patch_size}, {size}x{size}x{channels}, batch "
+        f"{trunk}, {size}x{size}x{channels}, batch "
         f"{config.train.batch_size}, heads {m.proj_hidden_dim}/{m.pred_hidden_dim}/{m.out_dim}"
     )
 

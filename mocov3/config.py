@@ -29,9 +29,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Backbone and heads. ``arch`` fills embed_dim/depth/num_heads unless set explicitly."""
+    """Backbone and heads. ``arch`` fills embed_dim/depth/num_heads unless set explicitly.
 
-    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_huge | vit_custom
+    ResNets (``resnet18``/``34``/``50``/``101``, torchvision's) ignore the ViT keys (patch
+    size, positions, drop path); their presets set the paper's ResNet heads: 2-layer
+    projector, predictor without last BN (``pred_last_bn: false``).
+    """
+
+    # vit_tiny | vit_small | vit_base | vit_large | vit_huge | vit_custom
+    # | resnet18 | resnet34 | resnet50 | resnet101
+    arch: str = "vit_small"
     embed_dim: int | None = None
     depth: int | None = None
     num_heads: int | None = None
@@ -45,6 +52,8 @@ class ModelConfig:
     pred_hidden_dim: int = 4096
     pred_layers: int = 2
     out_dim: int = 256
+    pred_last_bn: bool = True  # affine-free BN after the predictor (ViT: yes; ResNet: no)
+    small_stem: bool = False  # ResNet: 3x3 stride-1 conv1, no max-pool (28-64 px images)
 
 
 @dataclass
@@ -86,14 +95,20 @@ class AugmentConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with lr = base_lr * global_batch / 256, linear warmup then half-cosine to 0."""
+    """lr = base_lr * global_batch / 256, linear warmup then half-cosine to 0.
 
-    name: str = "adamw"
+    ``adamw`` (ViT, with ``betas``) or ``lars`` (ResNet, with ``momentum`` and
+    ``trust_coefficient``; 1-d tensors get no weight decay and no trust ratio).
+    """
+
+    name: str = "adamw"  # adamw | lars
     base_lr: float = 1.5e-4
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.999)  # torch defaults, as the reference code
     warmup_epochs: float = 40.0
     min_lr: float = 0.0
+    momentum: float = 0.9  # LARS only (the reference's value)
+    trust_coefficient: float = 0.001  # LARS only: lr scale = coef * |w| / |g + wd * w|
 
 
 @dataclass
@@ -103,7 +118,9 @@ class MocoConfig:
     momentum: float = 0.99  # m0 of the cosine schedule to 1.0
     momentum_cosine: bool = True
     temperature: float = 0.2  # tau for ViT (1.0 for ResNet)
-    concat_views: bool = True  # one backbone call on both views; heads keep per-view BN
+    # one backbone call on both views; heads keep per-view BN. ViT only: a ResNet's BN would
+    # mix the two views' statistics, so ResNet configs must set it false
+    concat_views: bool = True
 
 
 @dataclass
@@ -329,14 +346,36 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {
 }
 
 
+# name: (feature dim, residual blocks); torchvision's ResNets (mocov3/models/resnet.py)
+RESNET_SIZES: dict[str, tuple[int, int]] = {
+    "resnet18": (512, 8),
+    "resnet34": (512, 16),
+    "resnet50": (2048, 16),
+    "resnet101": (2048, 33),
+}
+
+
+def is_resnet_arch(arch: str) -> bool:
+    return arch in RESNET_SIZES
+
+
 def resolve_model_dims(model: ModelConfig) -> tuple[int, int, int]:
-    """(embed_dim, depth, num_heads) from the arch name, explicit values taking precedence."""
+    """(embed_dim, depth, num_heads) from the arch name, explicit values taking precedence.
+
+    A ResNet gives (feature dim, residual blocks, 1): it has no heads, and its shape is fixed
+    by the name, so explicit values are refused."""
+    if is_resnet_arch(model.arch):
+        for name in ("embed_dim", "depth", "num_heads"):
+            if getattr(model, name) is not None:
+                raise ConfigError(f"model.{name} is a ViT key; {model.arch} fixes it: remove it")
+        dim, blocks = RESNET_SIZES[model.arch]
+        return dim, blocks, 1
     if model.arch == "vit_custom":
         base = (None, None, None)
     elif model.arch in VIT_SIZES:
         base = VIT_SIZES[model.arch]
     else:
-        known = ", ".join([*VIT_SIZES, "vit_custom"])
+        known = ", ".join([*VIT_SIZES, "vit_custom", *RESNET_SIZES])
         raise ConfigError(f"model.arch '{model.arch}' is unknown (choose one of: {known})")
     dims = tuple(
         explicit if explicit is not None else default
@@ -353,6 +392,21 @@ def resolve_model_dims(model: ModelConfig) -> tuple[int, int, int]:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _validate_resnet(config: Config) -> None:
+    """What a ResNet backbone cannot honour: each is refused rather than silently ignored."""
+    m = config.model
+    _require(
+        not config.moco.concat_views,
+        f"moco.concat_views must be false for {m.arch}: its BatchNorm would mix the two "
+        "views' statistics (the paper encodes each view separately)",
+    )
+    _require(
+        not m.freeze_patch_embed,
+        f"model.freeze_patch_embed must be false for {m.arch} (it has no patch projection)",
+    )
+    _require(m.drop_path_rate == 0.0, f"model.drop_path_rate must be 0 for {m.arch}")
 
 
 def validate(config: Config) -> None:
@@ -381,11 +435,15 @@ def validate(config: Config) -> None:
         f"model.embed_dim {embed_dim} must be divisible by 4 for the sin-cos position table",
     )
     _require(m.patch_size > 0, "model.patch_size must be positive")
-    _require(
-        d.image_size > 0 and d.image_size % m.patch_size == 0,
-        f"data.image_size {d.image_size} must be a positive multiple of model.patch_size "
-        f"{m.patch_size} (e.g. patch 4 or 7 for 28 px, 4 for 32 px, 16 for 224 px)",
-    )
+    if is_resnet_arch(m.arch):
+        _validate_resnet(config)
+    else:
+        _require(
+            d.image_size > 0 and d.image_size % m.patch_size == 0,
+            f"data.image_size {d.image_size} must be a positive multiple of model.patch_size "
+            f"{m.patch_size} (e.g. patch 4 or 7 for 28 px, 4 for 32 px, 16 for 224 px)",
+        )
+        _require(not m.small_stem, "model.small_stem is a ResNet option; remove it for a ViT")
     _require(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate must be in [0, 1)")
     _require(m.proj_layers >= 1 and m.pred_layers >= 0, "model.proj_layers >= 1, pred_layers >= 0")
     _require(min(m.proj_hidden_dim, m.pred_hidden_dim, m.out_dim) > 0, "head widths must be > 0")
@@ -406,7 +464,9 @@ def validate(config: Config) -> None:
     for name in ("brightness", "contrast", "saturation"):
         _require(0.0 <= getattr(a, name) < 1.0, f"augment.{name} must be in [0, 1)")
     _require(0.0 <= a.hue <= 0.5, "augment.hue must be in [0, 0.5]")
-    _require(o.name == "adamw", f"optim.name '{o.name}' is not supported here (use adamw)")
+    _require(o.name in ("adamw", "lars"), f"optim.name '{o.name}' must be adamw or lars")
+    _require(0.0 <= o.momentum < 1.0, f"optim.momentum {o.momentum} must be in [0, 1)")
+    _require(o.trust_coefficient > 0, "optim.trust_coefficient must be positive")
     _require(o.base_lr > 0, f"optim.base_lr {o.base_lr} must be positive")
     _require(o.weight_decay >= 0, f"optim.weight_decay {o.weight_decay} must be >= 0")
     _require(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas must be in [0, 1)")

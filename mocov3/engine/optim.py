@@ -1,4 +1,5 @@
-"""Optimiser construction: AdamW over the query side's trainable tensors only."""
+"""Optimiser construction over the query side's trainable tensors only: AdamW (the paper's
+ViT recipe) or LARS (its ResNet recipe, :mod:`mocov3.engine.lars`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 
 from mocov3.config import OptimConfig
+from mocov3.engine.lars import LARS
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -17,6 +19,9 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 def build_optimizer(
     model: nn.Module, config: OptimConfig, device: torch.device
 ) -> torch.optim.Optimizer:
+    """``config.name``: adamw or lars; the lr is 0 here and set every step by the trainer."""
+    if config.name == "lars":
+        return build_lars(model, config)
     # The reference applies weight decay to every trainable ViT tensor, biases and norms
     # included; we keep that. Fused AdamW is exact and faster on CUDA.
     fused = device.type == "cuda"
@@ -26,4 +31,16 @@ def build_optimizer(
         betas=tuple(config.betas),
         weight_decay=config.weight_decay,
         fused=fused,
+    )
+
+
+def build_lars(model: nn.Module, config: OptimConfig) -> LARS:
+    """The reference's ResNet optimiser: LARS, momentum 0.9, trust coefficient 0.001; 1-d
+    tensors (biases, BN) are exempt from weight decay and trust ratio inside LARS itself."""
+    return LARS(
+        trainable_parameters(model),
+        lr=0.0,  # set every step from the schedule
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+        trust_coefficient=config.trust_coefficient,
     )

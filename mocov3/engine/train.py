@@ -283,6 +283,9 @@ def check_writable(out_dir: Path) -> None:
 
 
 _ARCH_KEYS = (
+    "arch",
+    "small_stem",
+    "pred_last_bn",
     "patch_size",
     "mlp_ratio",
     "pos_embed",

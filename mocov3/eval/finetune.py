@@ -15,6 +15,10 @@ matter at every scale, as MAE and BEiT also do:
 * RandomResizedCrop + horizontal flip, batched on the training device with per-sample
   counter-based randomness (``sample_keys(seed, epoch, index)``).
 
+ResNet backbones (``model.arch: resnet*``) get the same recipe with the layer-wise decay
+applied per stage (stem 0, ``layer1``-``layer4`` 1-4, head 5) and no drop path (torchvision's
+ResNet has none; ``--drop-path`` defaults to 0 for them and a non-zero value is refused).
+
 Left out of DeiT's recipe: RandAugment, mixup/cutmix, random erasing and repeated
 augmentation (ImageNet-scale regularisers that hurt tiny models on small data).
 
@@ -50,7 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mocov3.config import ConfigError
+from mocov3.config import ConfigError, is_resnet_arch
 from mocov3.data.augment import counter_uniform, resized_crop_flip, sample_crop_boxes, sample_keys
 from mocov3.data.datasets import DatasetError, ImageDataset
 from mocov3.data.sampling import epoch_order
@@ -65,7 +69,8 @@ from mocov3.engine.train import (
 )
 from mocov3.eval.common import LoadedRun, add_data_args, data_overrides, open_checkpoint
 from mocov3.eval.knn import normalize_images
-from mocov3.models.moco import build_backbone
+from mocov3.models.moco import build_backbone, feature_dim
+from mocov3.models.resnet import is_resnet
 from mocov3.models.vit import DropPath
 
 # Stream ids of the fine-tuning augmentation (one view; same layout as the pretraining view
@@ -106,7 +111,7 @@ class FineTuneModel(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int, seed: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(int(backbone.embed_dim), num_classes)
+        self.head = nn.Linear(feature_dim(backbone), num_classes)
         # Own generator: the head starts identical whether the backbone was loaded or built
         # from random init (which draws from the global generator).
         generator = torch.Generator().manual_seed(seed)
@@ -122,6 +127,10 @@ def set_drop_path(backbone: nn.Module, rate: float) -> list[float]:
     timm/DeiT, set on the existing ``DropPath`` modules; returns the per-block rates."""
     if not 0.0 <= rate < 1.0:
         raise ConfigError(f"--drop-path {rate} must be in [0, 1)")
+    if is_resnet(backbone):
+        if rate > 0:
+            raise ConfigError("a ResNet backbone has no stochastic depth: use --drop-path 0")
+        return []
     blocks = list(backbone.blocks)
     rates = torch.linspace(0, rate, len(blocks)).tolist()
     for block, block_rate in zip(blocks, rates, strict=True):
@@ -138,6 +147,16 @@ def build_criterion(label_smoothing: float) -> nn.CrossEntropyLoss:
     if not 0.0 <= label_smoothing < 1.0:
         raise ConfigError(f"--label-smoothing {label_smoothing} must be in [0, 1)")
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+def _resnet_layer_id(name: str) -> int:
+    """Per-stage ids for a ResNet: stem (conv1, bn1) 0, ``layerK`` K, the head 5."""
+    parts = name.split(".")
+    if parts[0] == "backbone":
+        parts = parts[1:]
+    if parts[0].startswith("layer"):
+        return int(parts[0][len("layer") :])
+    return 0 if parts[0] in ("conv1", "bn1") else 5
 
 
 def _layer_id(name: str, depth: int) -> int:
@@ -168,12 +187,13 @@ def layer_decay_param_groups(
     if not 0.0 < layer_decay <= 1.0:
         raise ConfigError(f"--layer-decay {layer_decay} must be in (0, 1]")
     backbone = getattr(model, "backbone", model)
-    depth = len(backbone.blocks)
+    resnet = is_resnet(backbone)
+    depth = 4 if resnet else len(backbone.blocks)
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        layer = _layer_id(name, depth)
+        layer = _resnet_layer_id(name) if resnet else _layer_id(name, depth)
         decay = not _no_weight_decay(name, parameter)
         if (layer, decay) not in groups:
             scale = layer_decay ** (depth + 1 - layer)
@@ -435,6 +455,13 @@ def _check_overrides(overrides: Sequence[str]) -> None:
         )
 
 
+def _drop_path(flag: float | None, run: LoadedRun) -> float:
+    """``--drop-path``, or its default: 0.1 for a ViT, 0 for a ResNet (it has none)."""
+    if flag is not None:
+        return flag
+    return 0.0 if is_resnet_arch(run.config.model.arch) else FineTuneSettings().drop_path
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.from_scratch and args.encoder is not None:
@@ -450,7 +477,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         base_lr=args.lr,
         layer_decay=args.layer_decay,
         weight_decay=args.weight_decay,
-        drop_path=args.drop_path,
+        drop_path=_drop_path(args.drop_path, run),
         label_smoothing=args.label_smoothing,
         warmup_epochs=args.warmup_epochs,
         crop_min=args.crop_min,
@@ -514,8 +541,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--drop-path",
         type=float,
-        default=d.drop_path,
-        help=f"stochastic depth rate of the last block (default {d.drop_path})",
+        default=None,
+        help=f"stochastic depth rate of the last block (default {d.drop_path}; 0 for ResNet)",
     )
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)

@@ -6,7 +6,8 @@ followed, when ``last_bn``, by an affine-free BatchNorm. ViT: projector 3 layers
 BN. (ResNet: projector 2 layers with last BN, predictor 2 layers without.)
 
 The BatchNorms are :class:`SyncBatchNorm1d`: statistics over the *global* batch of a view,
-as the reference (SyncBN over all GPUs), in one process or many.
+as the reference (SyncBN over all GPUs), in one process or many. :class:`SyncBatchNorm2d`
+is the same for the ResNet backbone's feature maps.
 """
 
 from __future__ import annotations
@@ -17,31 +18,34 @@ from torch import nn
 from mocov3.engine.distributed import differentiable_sum, is_distributed, rank_and_world
 
 
-class SyncBatchNorm1d(nn.BatchNorm1d):
-    """``nn.BatchNorm1d`` whose training statistics span every process's batch.
+class _GlobalBatchStats:
+    """Training statistics over every process's batch, for any ``[N, C, *]`` input.
 
-    Alone it *is* ``nn.BatchNorm1d`` (same code path, same state-dict keys). Under DDP it
-    all-reduces the per-feature sum and then the sum of squared deviations (two passes,
-    as accurate as one process's), with gradients flowing back through the reductions.
-    Unlike ``nn.SyncBatchNorm`` it also runs on CPU with gloo, so a multi-process run can
-    be tested, and checked against one process, on any machine.
+    Alone it is the wrapped ``nn.BatchNorm`` class (same code path, same state-dict keys).
+    Under DDP it all-reduces the per-channel sum and then the sum of squared deviations
+    (two passes, as accurate as one process's), with gradients flowing back through the
+    reductions. Unlike ``nn.SyncBatchNorm`` it also runs on CPU with gloo, so a
+    multi-process run can be tested, and checked against one process, on any machine.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_distributed()):
-            return super().forward(x)
+            return super().forward(x)  # type: ignore[misc]
         return self._global_batch_norm(x)
 
     def _global_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
         _, world = rank_and_world()
-        count = x.shape[0] * world  # every process holds the same per-process batch
+        dims = [0, *range(2, x.dim())]  # every axis but the channel axis
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        # every process holds the same per-process batch
+        count = (x.numel() // max(x.shape[1], 1)) * world
         values = x.float()
-        mean = differentiable_sum(values.sum(dim=0)) / count
-        centred = values - mean
-        var = differentiable_sum((centred * centred).sum(dim=0)) / count  # biased, as BN
-        out = centred * torch.rsqrt(var + self.eps)
+        mean = differentiable_sum(values.sum(dim=dims)) / count
+        centred = values - mean.view(shape)
+        var = differentiable_sum((centred * centred).sum(dim=dims)) / count  # biased, as BN
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
-            out = out * self.weight + self.bias
+            out = out * self.weight.view(shape) + self.bias.view(shape)
         if self.track_running_stats:
             self._update_running_stats(mean.detach(), var.detach(), count)
         return out.to(x.dtype)
@@ -56,6 +60,15 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
         unbiased = var * (count / max(count - 1, 1))
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+
+
+class SyncBatchNorm1d(_GlobalBatchStats, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` whose training statistics span every process's batch (the heads)."""
+
+
+class SyncBatchNorm2d(_GlobalBatchStats, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose training statistics span every process's batch: the ResNet
+    backbone's norm layer, as the reference converts every BN to SyncBN under DDP."""
 
 
 def build_mlp(

@@ -15,10 +15,11 @@ import copy
 import torch
 from torch import nn
 
-from mocov3.config import Config, ConfigError, resolve_model_dims
+from mocov3.config import Config, ConfigError, is_resnet_arch, resolve_model_dims
 from mocov3.engine.checkpoint import CheckpointError
 from mocov3.losses import contrastive_loss
 from mocov3.models.heads import build_mlp
+from mocov3.models.resnet import build_resnet
 from mocov3.models.vit import VisionTransformer
 
 
@@ -100,8 +101,11 @@ class MoCo(nn.Module):
         return contrastive_loss(q1, k2, t) + contrastive_loss(q2, k1, t)
 
 
-def build_backbone(config: Config, in_chans: int) -> VisionTransformer:
+def build_backbone(config: Config, in_chans: int) -> nn.Module:
+    """The ViT or torchvision ResNet ``config.model.arch`` names, from random init."""
     model = config.model
+    if is_resnet_arch(model.arch):
+        return build_resnet(model.arch, in_chans=in_chans, small_stem=model.small_stem)
     embed_dim, depth, num_heads = resolve_model_dims(model)
     return VisionTransformer(
         img_size=config.data.image_size,
@@ -117,11 +121,19 @@ def build_backbone(config: Config, in_chans: int) -> VisionTransformer:
 
 
 def feature_dim(backbone: nn.Module) -> int:
-    return int(backbone.embed_dim)
+    """Width of ``backbone(x)``: ``embed_dim`` (our ViT and ResNet), else timm's
+    ``num_features``."""
+    width = getattr(backbone, "embed_dim", None)
+    if width is None:
+        width = backbone.num_features
+    return int(width)
 
 
 def build_moco(config: Config, in_chans: int) -> MoCo:
-    """Backbone from ``config.model``, the paper's ViT heads, and the momentum copy."""
+    """Backbone from ``config.model``, the paper's heads, and the momentum copy.
+
+    Head shapes come from the config: the ViT defaults (3-layer projector, predictor with
+    last BN) or a ResNet preset's (2-layer projector, ``pred_last_bn`` false)."""
     backbone = build_backbone(config, in_chans)
     if config.model.freeze_patch_embed:
         if not hasattr(backbone, "freeze_patch_embed"):
@@ -133,7 +145,9 @@ def build_moco(config: Config, in_chans: int) -> MoCo:
     m = config.model
     projector = build_mlp(m.proj_layers, feature_dim(backbone), m.proj_hidden_dim, m.out_dim)
     if m.pred_layers > 0:
-        predictor = build_mlp(m.pred_layers, m.out_dim, m.pred_hidden_dim, m.out_dim)
+        predictor = build_mlp(
+            m.pred_layers, m.out_dim, m.pred_hidden_dim, m.out_dim, last_bn=m.pred_last_bn
+        )
     else:
         predictor = nn.Identity()
     return MoCo(backbone, projector, predictor, config.moco.temperature, config.moco.concat_views)
