@@ -170,6 +170,7 @@ COMMAND_MODULES = (
     "mocov3.eval.embed",
     "mocov3.report",
     "mocov3.bench",
+    "mocov3.interop.cli",
 )
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetError, CheckpointError)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mocov3.config import Config, apply_overrides, config_from_dict
-from mocov3.engine.checkpoint import load_checkpoint
+from mocov3.engine.checkpoint import CheckpointError, load_checkpoint
 from mocov3.models.moco import MoCo, build_moco, load_model_state
 
 
@@ -34,6 +34,11 @@ class LoadedRun:
         """The query (default) or momentum backbone, in eval mode."""
         if encoder not in ("query", "momentum"):
             raise ValueError(f"encoder must be query or momentum, got {encoder!r}")
+        if encoder == "momentum" and self.state.get("backbone_only"):
+            raise CheckpointError(
+                f"{self.path} holds only the query backbone (imported from a linear-probe "
+                "checkpoint): use the query encoder"
+            )
         chosen = self.model.backbone if encoder == "query" else self.model.momentum_backbone
         return chosen.eval()
 
@@ -45,7 +50,11 @@ def open_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     state = load_checkpoint(path)
     config = apply_overrides(config_from_dict(state["config"]), list(overrides))
     model = build_moco(config, int(state["in_chans"]))
-    load_model_state(model, state["model"], path)
+    if state.get("backbone_only"):  # e.g. imported from a linear probe: no heads, no momentum
+        backbone = {k.removeprefix("backbone."): v for k, v in state["model"].items()}
+        load_model_state(model.backbone, backbone, path)
+    else:
+        load_model_state(model, state["model"], path)
     return LoadedRun(model=model, config=config, state=state, path=path)
 
 
