@@ -21,7 +21,7 @@ from mocov3.config import ConfigError, load_config
 from mocov3.data.sampling import StepSampler, per_process_batch
 from mocov3.engine.distributed import ProcessInfo
 from mocov3.engine.train import Trainer, pretrain
-from mocov3.models.heads import SyncBatchNorm1d
+from mocov3.models.heads import SyncBatchNorm1d, SyncBatchNorm2d
 from mocov3.models.moco import build_moco
 
 
@@ -62,18 +62,31 @@ def test_trainer_refuses_an_indivisible_batch_before_loading_data(tmp_path):
 # --------------------------------------------------------------------- SyncBatchNorm1d
 
 
-def _sync_bn_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
+# (shape of the whole batch, our synchronised BN, torch's BN); half the batch per process
+BATCH_NORMS = {
+    "1d": ((16, 6), SyncBatchNorm1d, nn.BatchNorm1d),
+    "2d": ((8, 6, 5, 5), SyncBatchNorm2d, nn.BatchNorm2d),
+}
+
+
+def _batch_norm_case(kind: str, ours: bool) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+    """The same input, upstream gradient and affine parameters for every process."""
+    shape, sync_bn, plain_bn = BATCH_NORMS[kind]
+    torch.manual_seed(0)
+    x, upstream = torch.randn(shape) * 3 + 1, torch.randn(shape)
+    bn = (sync_bn if ours else plain_bn)(shape[1])
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 2, shape[1]))
+        bn.bias.copy_(torch.linspace(-1, 1, shape[1]))
+    return x, upstream, bn
+
+
+def _sync_bn_worker(rank: int, world: int, kind: str, store_path: str, out_dir: str) -> None:
     store = dist.FileStore(store_path, world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        x = torch.randn(16, 6) * 3 + 1
-        upstream = torch.randn(16, 6)
-        bn = SyncBatchNorm1d(6)
-        with torch.no_grad():
-            bn.weight.copy_(torch.linspace(0.5, 2, 6))
-            bn.bias.copy_(torch.linspace(-1, 1, 6))
-        part = slice(rank * 8, (rank + 1) * 8)
+        x, upstream, bn = _batch_norm_case(kind, ours=True)
+        part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
         local = x[part].clone().requires_grad_(True)
         out = bn(local)
         # each process's loss is its rows' share of the one-process loss
@@ -93,15 +106,12 @@ def _sync_bn_worker(rank: int, world: int, store_path: str, out_dir: str) -> Non
         dist.destroy_process_group()
 
 
-def test_sync_batchnorm_over_two_processes_equals_batchnorm_over_the_whole_batch(tmp_path):
-    mp.spawn(_sync_bn_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
-    torch.manual_seed(0)
-    x = (torch.randn(16, 6) * 3 + 1).requires_grad_(True)
-    upstream = torch.randn(16, 6)
-    bn = nn.BatchNorm1d(6)
-    with torch.no_grad():
-        bn.weight.copy_(torch.linspace(0.5, 2, 6))
-        bn.bias.copy_(torch.linspace(-1, 1, 6))
+@pytest.mark.parametrize("kind", ["1d", "2d"])
+def test_sync_batchnorm_over_two_processes_equals_batchnorm_over_the_whole_batch(kind, tmp_path):
+    """The heads' SyncBatchNorm1d and the ResNet's SyncBatchNorm2d, on 2 gloo processes."""
+    mp.spawn(_sync_bn_worker, args=(2, kind, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    x, upstream, bn = _batch_norm_case(kind, ours=False)
+    x.requires_grad_(True)
     out = bn(x)
     (out * upstream).sum().backward()
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]

@@ -2,12 +2,9 @@
 key compatibility, SyncBN, refused options, and a short run that lifts kNN."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -95,37 +92,6 @@ def test_state_dict_loads_into_torchvision_and_timm_with_identical_features():
     other.load_state_dict(ours.state_dict(), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(other.eval()(x), expected, rtol=1e-5, atol=1e-5)
-
-
-def _sync_bn2d_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
-    store = dist.FileStore(store_path, world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        x, upstream = torch.randn(8, 3, 5, 5) * 2 + 1, torch.randn(8, 3, 5, 5)
-        bn = SyncBatchNorm2d(3)
-        local = x[rank * 4 : (rank + 1) * 4].clone().requires_grad_(True)
-        out = bn(local)
-        (out * upstream[rank * 4 : (rank + 1) * 4]).sum().backward()
-        result = {"out": out.detach(), "grad_x": local.grad, "running_var": bn.running_var}
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_sync_batchnorm2d_over_two_processes_equals_batchnorm_over_the_whole_batch(tmp_path):
-    mp.spawn(_sync_bn2d_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
-    torch.manual_seed(0)
-    x, upstream = torch.randn(8, 3, 5, 5) * 2 + 1, torch.randn(8, 3, 5, 5)
-    x.requires_grad_(True)
-    bn = nn.BatchNorm2d(3)
-    out = bn(x)
-    (out * upstream).sum().backward()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    close = dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.cat([r["out"] for r in ranks]), out.detach(), **close)
-    torch.testing.assert_close(torch.cat([r["grad_x"] for r in ranks]), x.grad, **close)
-    torch.testing.assert_close(ranks[0]["running_var"], bn.running_var, **close)  # one update
 
 
 def test_resnet_refuses_concat_views_and_other_vit_only_options():
