@@ -633,6 +633,23 @@ def _stack(arrays: list[np.ndarray], channels: int | None) -> torch.Tensor:
     return images
 
 
+def list_folder_split(
+    root: Path, split: str, image_size: int, channels: int | None
+) -> tuple[Path, list[str], list[tuple[int, Path]]]:
+    """Check the arguments every folder loader takes and list the split's (label, file)
+    items: the split folder, its class names and the items (DatasetError when none)."""
+    _check_channels(channels)
+    if image_size < 1:
+        raise DatasetError(f"image_size must be >= 1, got {image_size}")
+    folder, classes, items = _list_folder(root, _check_split(split))
+    if not items:
+        raise DatasetError(
+            f"{folder} holds no images ({' '.join(sorted(IMAGE_EXTENSIONS))}): add images, "
+            "one sub-folder per class"
+        )
+    return folder, classes, items
+
+
 def load_folder(
     root: str | Path,
     split: str,
@@ -658,19 +675,10 @@ def load_folder(
     that a small subset of a huge folder (a kNN memory bank) costs seconds, not an epoch of
     decoding. Channels (when auto) and statistics then come from those items only.
     """
-    split = _check_split(split)
-    _check_channels(channels)
-    if image_size < 1:
-        raise DatasetError(f"image_size must be >= 1, got {image_size}")
     if limit is not None and limit < 1:
         raise DatasetError(f"limit must be >= 1 (or unset), got {limit}")
     root = Path(root).expanduser()
-    folder, classes, items = _list_folder(root, split)
-    if not items:
-        raise DatasetError(
-            f"{folder} holds no images ({' '.join(sorted(IMAGE_EXTENSIONS))}): add images, "
-            "one sub-folder per class"
-        )
+    folder, classes, items = list_folder_split(root, split, image_size, channels)
     mode = {None: None, 1: "L", 3: "RGB"}[channels]
     good, bad, tried = _decode_first(items, limit or len(items), image_size, mode)
     _check_bad(bad, tried, folder, strict)

@@ -37,14 +37,12 @@ from torchvision.transforms import InterpolationMode
 
 from mocov3.config import Config, ConfigError
 from mocov3.data.datasets import (
-    IMAGE_EXTENSIONS,
     DatasetError,
-    _check_channels,
     _check_split,
     _decode,
-    _list_folder,
     _one_line,
     _palette_is_grey,
+    list_folder_split,
 )
 from mocov3.data.sampling import StepSampler
 
@@ -233,21 +231,12 @@ class FolderIndex:
         subset: int | None = None,
         stats_seed: int = 0,
     ) -> None:
-        split = _check_split(split)
-        _check_channels(channels)
-        if image_size < 1:
-            raise DatasetError(f"image_size must be >= 1, got {image_size}")
         if subset is not None and subset < 1:
             raise DatasetError(f"subset must be >= 1 (or unset), got {subset}")
         self.root = Path(root).expanduser()
-        self.folder, self.classes, items = _list_folder(self.root, split)
-        if not items:
-            raise DatasetError(
-                f"{self.folder} holds no images ({' '.join(sorted(IMAGE_EXTENSIONS))}): add "
-                "images, one sub-folder per class"
-            )
+        self.folder, self.classes, items = list_folder_split(self.root, split, image_size, channels)
         items = items[:subset]
-        self.split, self.image_size, self.strict = split, image_size, strict
+        self.split, self.image_size, self.strict = _check_split(split), image_size, strict
         self.stats_seed = stats_seed
         self.paths = np.array([os.fsencode(p) for _, p in items])
         labels = torch.tensor([label for label, _ in items], dtype=torch.int64)
