@@ -19,7 +19,7 @@ data:
 
 demo: install data
 	$(PY) -m mocov3 pretrain --config configs/demo.yaml --out $(OUT) --overwrite
-	@echo "plots: $(OUT)/loss.png $(OUT)/lr.png $(OUT)/momentum.png $(OUT)/knn.png; summary: $(OUT)/summary.json"
+	@echo "plots: $(OUT)/loss.png $(OUT)/lr.png $(OUT)/momentum.png $(OUT)/knn.png $(OUT)/stability.png $(OUT)/grad_norms.png; summary: $(OUT)/summary.json"
 
 test: install data lint
 	$(PY) -m pytest -q

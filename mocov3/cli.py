@@ -24,6 +24,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = data_overrides(args)
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
+    if args.budget_minutes is not None:
+        overrides.append(f"train.budget_minutes={args.budget_minutes}")
     if args.device:
         overrides.append(f"train.device={args.device}")
     if args.strict_data:
@@ -113,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--config", help="YAML preset, e.g. configs/demo.yaml")
     pre.add_argument("--out", help="run directory (default runs/<preset name>)")
     pre.add_argument("--epochs", type=float)
+    pre.add_argument(
+        "--budget-minutes",
+        type=float,
+        metavar="M",
+        help="size the run to M wall-clock minutes, final evaluation included "
+        "(train.budget_minutes): the step time is measured and the schedules laid over it",
+    )
     pre.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     pre.add_argument(
         "--resume",
@@ -171,6 +180,7 @@ COMMAND_MODULES = (
     "mocov3.report",
     "mocov3.bench",
     "mocov3.interop.cli",
+    "mocov3.study",
 )
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetError, CheckpointError)

@@ -144,6 +144,9 @@ class TrainConfig:
     channels_last: bool = False  # NHWC memory layout for convolutional backbones (ResNet)
     compile: bool = False  # torch.compile the backbones (1-2 min to compile; ~8% on CPU)
     dist_timeout_minutes: float = 30.0  # how long a process waits for the others (DDP)
+    # size the run to wall-clock minutes, evaluation included (engine/budget.py): the step
+    # count is measured, train.epochs then only sets the warmup's share (warmup_epochs/epochs)
+    budget_minutes: float | None = None
 
 
 @dataclass
@@ -162,6 +165,21 @@ class EvalConfig:
 
 
 @dataclass
+class StabilityConfig:
+    """The gradient monitor and instability detector (paper Sec. 5, Fig. 4; see
+    engine/stability.py). Norms come from the step's own gradients: no extra backward."""
+
+    grad_norms: bool = True  # per-group gradient norms (patch projection, blocks, heads)
+    grad_every: int = 1  # steps between gradient-norm records in metrics.jsonl
+    spike_factor: float = 5.0  # a spike: a group's norm above this x its running median
+    window: int = 100  # steps in the running medians
+    warmup: int = 20  # values a running median needs before anything is flagged
+    loss_rise: float = 0.1  # a loss rise: loss above (1 + this) x its running median
+    knn_dip: float = 2.0  # a kNN dip: monitor top-1 this many points below its best so far
+    merge_steps: int = 50  # spikes starting within this many steps count as one episode
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -170,6 +188,7 @@ class Config:
     moco: MocoConfig = field(default_factory=MocoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
@@ -411,6 +430,13 @@ def _validate_resnet(config: Config) -> None:
 
 def validate(config: Config) -> None:
     """Range checks that need no data; raise ConfigError with the key and the fix."""
+    s = config.stability
+    _require(s.grad_every >= 1, "stability.grad_every must be >= 1")
+    _require(s.spike_factor > 1, "stability.spike_factor must be > 1 (a multiple of the median)")
+    _require(s.window >= 1 and 1 <= s.warmup <= s.window, "stability: need 1 <= warmup <= window")
+    _require(s.loss_rise > 0, "stability.loss_rise must be positive (a fraction, e.g. 0.1)")
+    _require(s.knn_dip > 0, "stability.knn_dip must be positive (points of kNN top-1)")
+    _require(s.merge_steps >= 0, "stability.merge_steps must be >= 0")
     m, d, a, o, mc, t, e = (
         config.model,
         config.data,
@@ -512,6 +538,10 @@ def validate(config: Config) -> None:
     _require(d.memory_limit_gb > 0, "data.memory_limit_gb must be positive")
     _require(d.workers is None or d.workers >= 0, "data.workers must be >= 0 (or null: auto)")
     _require(t.dist_timeout_minutes > 0, "train.dist_timeout_minutes must be positive")
+    _require(
+        t.budget_minutes is None or t.budget_minutes > 0,
+        f"train.budget_minutes {t.budget_minutes} must be positive (or null: no budget)",
+    )
     _require(len(e.knn_k) >= 1 and all(k >= 1 for k in e.knn_k), "eval.knn_k must be positive")
     _require(e.knn_temperature > 0, "eval.knn_temperature must be positive")
     _require(e.batch_size >= 1, "eval.batch_size must be >= 1")

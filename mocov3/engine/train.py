@@ -5,12 +5,14 @@ after, metrics, TensorBoard, checkpoints and plots in the run directory."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
 import random
 import shlex
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -35,6 +37,7 @@ from mocov3.data.augment import TwoViewAugment, sample_keys
 from mocov3.data.datasets import ImageDataset, has_test_split, load_split
 from mocov3.data.loader import FolderIndex, StreamingBatches, folder_root, resolve_loader
 from mocov3.data.sampling import StepSampler, per_process_batch
+from mocov3.engine.budget import BudgetPlan, plan_steps
 from mocov3.engine.checkpoint import (
     CheckpointError,
     check_resumable,
@@ -68,6 +71,12 @@ from mocov3.engine.performance import (
 )
 from mocov3.engine.precision import autocast_context, resolve_precision
 from mocov3.engine.schedules import momentum_cosine, scaled_lr, warmup_cosine
+from mocov3.engine.stability import (
+    GradientMonitor,
+    InstabilityDetector,
+    InstabilityEvent,
+    event_record,
+)
 from mocov3.eval.knn import extract_features, knn_accuracy
 from mocov3.models.moco import MoCo, build_moco, load_model_state
 from mocov3.plots import plot_run
@@ -115,7 +124,10 @@ class Schedules:
         return len(self.lr)
 
 
-def build_schedules(config: Config, num_images: int) -> Schedules:
+def build_schedules(config: Config, num_images: int, total_steps: int | None = None) -> Schedules:
+    """lr and momentum arrays over ``train.epochs``, or over ``total_steps`` when given (a
+    time budget's plan; the warmup then keeps its share of the run,
+    ``warmup_epochs / epochs``)."""
     batch = config.train.batch_size
     steps_per_epoch = num_images // batch  # drop_last, as the reference sampler
     if steps_per_epoch == 0:
@@ -123,8 +135,12 @@ def build_schedules(config: Config, num_images: int) -> Schedules:
             f"train.batch_size {batch} exceeds the {num_images} training images; "
             "lower train.batch_size or use more data"
         )
-    total = max(1, round(config.train.epochs * steps_per_epoch))
-    warmup = round(config.optim.warmup_epochs * steps_per_epoch)
+    if total_steps is None:
+        total = max(1, round(config.train.epochs * steps_per_epoch))
+        warmup = round(config.optim.warmup_epochs * steps_per_epoch)
+    else:
+        total = total_steps
+        warmup = round(total * config.optim.warmup_epochs / config.train.epochs)
     peak = scaled_lr(config.optim.base_lr, batch)
     lr = warmup_cosine(peak, total, warmup, config.optim.min_lr)
     momentum = momentum_cosine(config.moco.momentum, total, config.moco.momentum_cosine)
@@ -361,7 +377,8 @@ def refuse_existing_run(out_dir: Path) -> None:
 def truncate_metrics(path: Path, step: int | None) -> None:
     """Keep the records of ``metrics.jsonl`` a run resumed at ``step`` has already made:
     train and skip records up to ``step``, others before it (kNN records at ``step`` are
-    made again). ``None``: a new run, which starts an empty file."""
+    made again; so are kNN-dip events, while the gradient norms and events of the train
+    step at ``step`` are kept). ``None``: a new run, which starts an empty file."""
     if not path.is_file():
         return
     kept = []
@@ -372,9 +389,18 @@ def truncate_metrics(path: Path, step: int | None) -> None:
                 at = int(record["step"])
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a kill
-            if at < step or (at == step and record.get("kind") in ("train", "skipped")):
+            if at < step or (at == step and _made_by_the_step(record)):
                 kept.append(line + "\n")
     write_text_atomic(path, "".join(kept))
+
+
+def _made_by_the_step(record: dict[str, Any]) -> bool:
+    """Whether a record at a checkpoint's step was made by the train step before it (not by
+    the kNN monitor after it, which a resumed run evaluates again)."""
+    kind = record.get("kind")
+    return kind in ("train", "skipped", "grad", "budget") or (
+        kind == "instability" and record.get("series") != "knn"
+    )
 
 
 class MemoryBatches:
@@ -409,6 +435,8 @@ class Trainer:
         overwrite: bool = False,
         process: ProcessInfo | None = None,
     ) -> None:
+        self._clock = time.perf_counter()  # a time budget counts from here
+        self.spent_before = 0.0  # wall seconds of the sessions before a resume
         self.config = config
         self.out_dir = Path(out_dir)
         self.resume_command = resume_command
@@ -442,7 +470,12 @@ class Trainer:
                 "note: no labelled val/ or test/ split, so kNN evaluation is skipped",
                 file=sys.stderr,
             )
-        self.schedules = build_schedules(config, self.data.num_images)
+        self.plan = _saved_plan(state) if config.train.budget_minutes else None
+        if self.plan is not None:  # a resume keeps the plan's schedule; a new budget bounds time
+            self.plan.minutes = float(config.train.budget_minutes)
+        self.schedules = build_schedules(
+            config, self.data.num_images, self.plan.steps if self.plan else None
+        )
         self.model: MoCo = build_moco(config, self.data.channels).to(self.device)
         apply_memory_format(self.model, config.train)
         compile_backbones(self.model, config.train)
@@ -464,6 +497,13 @@ class Trainer:
         self.named_trainable = [
             (name, p) for name, p in self.model.named_parameters() if p.requires_grad
         ]
+        s = config.stability
+        self.grad_monitor = GradientMonitor(self.model) if s.grad_norms else None
+        self.detector = InstabilityDetector(
+            s.spike_factor, s.window, s.warmup, s.loss_rise, s.knn_dip, s.merge_steps
+        )
+        self._grad_norms: dict[str, float] | None = None  # of the step just taken
+        self._detector_before_monitor: tuple[int, dict[str, Any]] = (-1, {})
         self.step = 0
         self.sampler = StepSampler(
             self.data.num_images,
@@ -483,19 +523,29 @@ class Trainer:
         self._stop_signal: int | None = None
         self._stopping = False  # the stop all processes agreed on (see _agree_to_stop)
         self._skipped_now: str | None = None
+        self._budget_stop = False  # the time budget ran out before the planned steps
+        self._progress: Progress | None = None
+        self._eval_seconds_per_image: float | None = None  # measured by the kNN at init
         if state is not None:
             self._restore(state)
-        self.batches = self.data.batch_source(
-            self.sampler,
-            self.device,
-            config,
-            start_step=self.step,
-            stop_step=self.schedules.total_steps,
-            local_processes=self.process.local_world_size,
-        )
+        self.batches = self._batch_source(self.step, self.schedules.total_steps)
         barrier()  # every process has read its checkpoint before the main one cleans up
         if self.is_main:
             self._remove_later_checkpoints()
+
+    def _batch_source(self, start: int, stop: int) -> MemoryBatches | StreamingBatches:
+        return self.data.batch_source(
+            self.sampler,
+            self.device,
+            self.config,
+            start_step=start,
+            stop_step=stop,
+            local_processes=self.process.local_world_size,
+        )
+
+    def elapsed(self) -> float:
+        """Wall seconds this run has used, earlier sessions included."""
+        return self.spent_before + time.perf_counter() - self._clock
 
     def close(self) -> None:
         """Release the input pipeline (streaming workers); safe to call more than once."""
@@ -560,11 +610,13 @@ class Trainer:
         progress = state.get("progress", {})
         self.step = self._saved_step = step
         self.train_seconds = float(progress.get("train_seconds", 0.0))
+        self.spent_before = float(progress.get("wall_seconds", 0.0))
         self.monitor_seconds = float(progress.get("monitor_seconds", 0.0))
         self.skipped_steps = int(progress.get("skipped_steps", 0))
         self.last_loss = float(progress.get("loss", math.nan))
         self.last_knn = progress.get("last_knn")
         self.knn_init = progress.get("knn_init")
+        self.detector.load_state_dict(progress.get("stability", {}))
         self.last_checkpoint = path
         try:
             set_rng_state(state["rng"])
@@ -695,9 +747,20 @@ class Trainer:
             self.skipped_steps += 1
             self._skipped_now = where
             return global_loss
+        self._measure_gradients(step)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return global_loss
+
+    def _measure_gradients(self, step: int) -> None:
+        """Gradient norms per layer group, every ``stability.grad_every`` steps, from the
+        gradients the backward pass left (identical on every process after DDP's
+        all-reduce); an fp16 scaler's scale is divided out."""
+        every = self.config.stability.grad_every
+        if self.grad_monitor is None or (step + 1) % every:
+            return
+        scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+        self._grad_norms = self.grad_monitor.norms(scale)
 
     def checkpoint_state(self) -> dict[str, Any]:
         spe = self.schedules.steps_per_epoch
@@ -719,6 +782,9 @@ class Trainer:
                 "loss": self.last_loss,
                 "last_knn": self.last_knn,
                 "knn_init": self.knn_init,
+                "stability": self._detector_state(),
+                "wall_seconds": self.elapsed(),
+                "budget": self.plan.to_dict() if self.plan else None,
             },
             "config": self.config.to_dict(),
             "in_chans": self.data.channels,
@@ -764,7 +830,138 @@ class Trainer:
         result = self.knn(self.monitor_sizes())
         if result is not None:
             log.log("knn_monitor", self.step, **result)
+            if self.step > 0:  # a random init's kNN is no learned value to dip from
+                self._detector_before_monitor = (self.step, self.detector.state_dict())
+                self._report(self.detector.observe_knn(self.step, result["knn_top1"]), log)
         return result
+
+    def _detector_state(self) -> dict[str, Any]:
+        """The detector's state for a checkpoint at this step: as it was before this step's
+        kNN monitor, which a resumed run evaluates again (so its dip is flagged once)."""
+        step, state = self._detector_before_monitor
+        return state if step == self.step else self.detector.state_dict()
+
+    def _report(self, events: list[InstabilityEvent], log: MetricsLog | NullLog) -> None:
+        for event in events:
+            log.log("instability", event.step, **event_record(event))
+            if self._progress is not None:
+                self._progress.message(f"instability: {event.describe()}")
+
+    def _observe_step(self, loss: float, log: MetricsLog | NullLog) -> None:
+        """Log this step's gradient norms and feed them and the loss to the detector
+        (records carry the number of steps done, as train records do)."""
+        done = self.step + 1
+        events = []
+        if math.isfinite(loss):
+            events += self.detector.observe_loss(done, loss)
+        if self._grad_norms is not None:
+            norms = {k: v for k, v in self._grad_norms.items() if math.isfinite(v)}
+            log.log("grad", done, **{k: float(f"{v:.6g}") for k, v in norms.items()})
+            events += self.detector.observe_gradients(done, norms)
+            self._grad_norms = None
+        self._report(events, log)
+
+    # ------------------------------------------------------------------ time budget
+    def _plan_budget(self, log: MetricsLog | NullLog, progress: Progress) -> None:
+        """Measure a step, estimate the evaluation, and lay the schedules over the steps
+        that fit in ``train.budget_minutes`` (see engine/budget.py)."""
+        minutes = float(self.config.train.budget_minutes or 0)
+        step_seconds = self._measure_step_seconds()
+        final_images = sum(self._final_eval_sizes())
+        monitor_images = 0.0
+        if self.config.eval.monitor_every and self.test_set is not None:
+            monitor_images = sum(self.monitor_sizes()) / self.config.eval.monitor_every
+        per_image = 0.0
+        if final_images or monitor_images:
+            per_image = self._eval_seconds_per_image or self._measure_eval_seconds_per_image()
+        monitor = per_image * monitor_images
+        eval_seconds = 1.1 * per_image * final_images
+        elapsed = self.elapsed()
+        steps = plan_steps(minutes * 60, elapsed, step_seconds, eval_seconds, monitor)
+        if is_distributed():  # every process must lay out the same schedule
+            steps = int(sum_over_processes(torch.tensor([float(steps)], device=self.device))[0])
+            steps //= self.process.world_size
+        self.plan = BudgetPlan(minutes, steps, step_seconds, eval_seconds, monitor, elapsed)
+        self.schedules = build_schedules(self.config, self.data.num_images, steps)
+        self.close()
+        self.batches = self._batch_source(self.step, steps)
+        progress.total = steps
+        epochs = steps / self.schedules.steps_per_epoch
+        progress.message(
+            f"time budget {minutes:g} min: {steps} steps ({epochs:.2f} epochs) at "
+            f"{step_seconds:.3f} s per step, {eval_seconds:.0f} s kept for the final evaluation"
+        )
+        log.log("budget", 0, **self.plan.to_dict())
+
+    def _measure_step_seconds(self, steps: int = 4) -> float:
+        """The median time of real training steps 2..``steps`` (the first pays one-off
+        costs); the model, optimiser, scaler, RNGs and counters are then put back exactly,
+        so the run goes on as if they had not been taken."""
+        model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        optimizer = copy.deepcopy(self.optimizer.state_dict())
+        schedules = self.schedules  # the epoch-based one may be shorter than ``steps``
+        self.schedules = build_schedules(
+            self.config, self.data.num_images, max(steps, schedules.total_steps)
+        )
+        scaler, rng, skipped = self.scaler.state_dict(), rng_state(), self.skipped_steps
+        original, self.batches = self.batches, self._batch_source(0, steps)
+        times = []
+        try:
+            for step in range(steps):
+                tic = time.perf_counter()
+                self.train_step(step)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                times.append(time.perf_counter() - tic)
+        finally:
+            assert self.batches is not None
+            self.batches.close()
+            self.batches, self.schedules = original, schedules
+            self.model.load_state_dict(model)
+            self.optimizer.load_state_dict(optimizer)
+            self.scaler.load_state_dict(scaler)
+            set_rng_state(rng)
+            self.skipped_steps, self._skipped_now, self._grad_norms = skipped, None, None
+        seconds = statistics.median(times[1:]) if len(times) > 1 else times[0]
+        if is_distributed():  # the processes' mean
+            total = sum_over_processes(torch.tensor([seconds], device=self.device))[0]
+            seconds = float(total) / self.process.world_size
+        return seconds
+
+    def _final_eval_sizes(self) -> tuple[int, int]:
+        if not self.config.eval.knn_final or self.test_set is None or self.knn_memory is None:
+            return 0, 0
+        ev = self.config.eval
+        memory = min(ev.train_subset or len(self.knn_memory), len(self.knn_memory))
+        return memory, min(ev.test_subset or len(self.test_set), len(self.test_set))
+
+    def _measure_eval_seconds_per_image(self) -> float:
+        """Forward time per image of the kNN feature pass, on up to 512 images."""
+        source = self.knn_memory if self.knn_memory is not None else self.test_set
+        if source is None:
+            return 0.0
+        sample = source.subset(min(512, len(source)))
+        args = (source.mean, source.std, self.device, self.config.eval.batch_size)
+        tic = time.perf_counter()
+        extract_features(self.model.backbone, sample.images, *args, self.config.train.precision)
+        return (time.perf_counter() - tic) / len(sample)
+
+    def _agree_out_of_time(self) -> bool:
+        """Whether the budget leaves only the final evaluation's time (any process)."""
+        if self.plan is None or self.step >= self.schedules.total_steps:
+            return False
+        late = self.plan.out_of_time(self.elapsed())
+        if is_distributed():
+            flag = torch.tensor([float(late)], device=self.device)
+            late = bool(sum_over_processes(flag)[0] > 0)
+        return late
+
+    def _stop_for_budget(self, progress: Progress) -> None:
+        self._budget_stop = True
+        progress.message(
+            f"time budget reached after step {self.step} of {self.schedules.total_steps} "
+            "planned (the machine ran slower than measured); evaluating now"
+        )
 
     # ------------------------------------------------------------------ signals
     @contextlib.contextmanager
@@ -819,6 +1016,7 @@ class Trainer:
         progress = Progress(
             self.schedules.total_steps, self.config.train.log_every, quiet=not self.is_main
         )
+        self._progress = progress
         summary: dict[str, Any] = {"epochs": self.config.train.epochs}
         if self.process.world_size > 1:
             summary["processes"] = self.process.world_size
@@ -838,23 +1036,36 @@ class Trainer:
         results: dict[str, Any] = {}
         started = time.perf_counter()
         if self.resume_from is None and self.config.eval.knn_init:
+            tic = time.perf_counter()
             if (init := self.knn()) is not None:
+                self._eval_seconds_per_image = (time.perf_counter() - tic) / (
+                    init["train_images"] + init["test_images"]
+                )
                 log.log("knn", 0, **init)
                 progress.message(f"kNN at random init: {init}")
                 self.knn_init = init
         if self.knn_init is not None:
             results["knn_top1_init"] = self.knn_init["knn_top1"]
+        if self.config.train.budget_minutes and self.plan is None:
+            if self.step > 0:
+                raise TrainingError(
+                    f"train.budget_minutes is set, but {self.resume_from} was written by a run "
+                    "without a time budget: a budget is planned when a run starts; resume "
+                    "without it, or start a new run with it"
+                )
+            self._plan_budget(log, progress)
         self._train_loop(log, progress)
         if self._stopping:
             return self._preempted(progress)
-        images = self.schedules.total_steps * self.config.train.batch_size
+        images = self.step * self.config.train.batch_size
         train_seconds = max(self.train_seconds, 1e-9)
         results.update(
             images_per_second=round(images / train_seconds, 2),
             train_seconds=round(self.train_seconds, 1),
             final_loss=round(self.last_loss, 5),
-            steps=self.schedules.total_steps,
+            steps=self.step,
             skipped_steps=self.skipped_steps,
+            instability_events=self.detector.summary(),
         )
         if self.resume_from is not None:
             results["resumed_from"] = str(self.resume_from)
@@ -866,6 +1077,15 @@ class Trainer:
             progress.message(f"kNN after training: {final}")
             results.update(final)
         results["wall_seconds"] = round(time.perf_counter() - started, 1)
+        results["run_wall_seconds"] = round(self.elapsed(), 1)  # all sessions, setup included
+        if self.plan is not None:
+            results["epochs"] = round(self.step / self.schedules.steps_per_epoch, 4)
+            results["budget"] = {
+                **self.plan.to_dict(),
+                "steps_done": self.step,
+                "stopped_early": self.step < self.plan.steps,
+                "run_wall_seconds": round(self.elapsed(), 1),
+            }
         return results
 
     def _preempted(self, progress: Progress) -> dict[str, Any]:
@@ -903,6 +1123,7 @@ class Trainer:
                 progress.message(f"warning: skipped the step: {self._skipped_now}")
                 log.log("skipped", self.step + 1, reason=self._skipped_now)
                 self._skipped_now = None
+            self._observe_step(loss, log)
             window = (window + [elapsed])[-20:]
             per_step = sum(window) / len(window)
             values = {
@@ -916,10 +1137,14 @@ class Trainer:
             fields = _progress_fields(values, self.step, spe)
             if self.last_knn is not None:
                 fields["knn"] = f"{self.last_knn:.1f}"
+            fields["inst"] = str(self.detector.total)
             progress.update(self.step, fields, per_step)
             self.step += 1
+            out_of_time = self._agree_out_of_time()
+            if out_of_time:
+                self._stop_for_budget(progress)
             self._maybe_checkpoint()
-            if self._agree_to_stop():
+            if self._agree_to_stop() or out_of_time:
                 break
             tic = time.perf_counter()
             if (result := self.monitor(log)) is not None:
@@ -928,7 +1153,7 @@ class Trainer:
 
     def _maybe_checkpoint(self) -> None:
         t, spe = self.config.train, self.schedules.steps_per_epoch
-        at_end = self.step == self.schedules.total_steps
+        at_end = self.step == self.schedules.total_steps or self._budget_stop
         every = t.checkpoint_every_steps or t.checkpoint_every * spe
         epoch, within = divmod(self.step, spe)
         milestone = epoch if within == 0 and epoch in t.milestones else None
@@ -949,6 +1174,12 @@ class Trainer:
             milestone,
         )
         self._saved_step = self.step
+
+
+def _saved_plan(state: dict[str, Any] | None) -> BudgetPlan | None:
+    """The time budget's plan a checkpoint carries (None: not planned yet)."""
+    saved = (state or {}).get("progress", {}).get("budget")
+    return BudgetPlan.from_dict(saved) if saved else None
 
 
 def _progress_fields(values: dict[str, float], step: int, steps_per_epoch: int) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """End to end: real MoCo v3 training on a Fashion-MNIST subset lifts kNN above random init."""
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -47,7 +48,19 @@ def test_pretrain_lifts_knn_and_writes_the_run_directory(tmp_path, capsys):
     assert state["step"] == summary["steps"]
     assert load_checkpoint(out)["config"]["train"]["epochs"] == 8.0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {r["kind"] for r in records} == {"train", "knn", "knn_monitor"}
+    kinds = {r["kind"] for r in records}
+    assert (
+        {"train", "knn", "knn_monitor", "grad"}
+        <= kinds
+        <= {
+            "train",
+            "knn",
+            "knn_monitor",
+            "grad",
+            "instability",
+        }
+    )
+    assert "stability.png" in {Path(p).name for p in summary["plots"]}
     # the dense monitor: every 64 steps from 0 but the last (that gets the full evaluation), on a
     # subset sized for ~5% of training time: 0.4 * 64 * 64 images split 4:1
     monitor = [r for r in records if r["kind"] == "knn_monitor"]

@@ -1,0 +1,69 @@
+"""Time-budgeted training: size a run to wall-clock minutes (``train.budget_minutes``).
+
+The run measures its own step time on a few real steps (then puts the model, optimiser
+and RNGs back as they were, so the steps leave no trace), estimates the final evaluation,
+and lays the warmup+cosine lr and the momentum schedule over the number of steps that
+fits. The plan is a step count, so a run is as reproducible as one given in epochs (the
+summary records it), and a resumed run keeps its plan and its clock. A hard stop guards
+the budget should the machine slow down: when the time left would not cover the final
+evaluation, training stops early and the evaluation still runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# seconds kept back for writing the last checkpoint, plots and summary
+FIXED_RESERVE_SECONDS = 3.0
+# the planner aims a little under the budget: step times wander by a few percent
+PLAN_MARGIN = 0.97
+
+
+@dataclass
+class BudgetPlan:
+    """What a budgeted run decided. ``steps``: the planned optimisation steps;
+    ``step_seconds``: the measured time of one step; ``eval_seconds``: the estimated final
+    evaluation; ``monitor_seconds_per_step``: the kNN monitor's cost spread over steps;
+    ``planned_after_seconds``: wall seconds already spent when it was planned."""
+
+    minutes: float
+    steps: int
+    step_seconds: float
+    eval_seconds: float
+    monitor_seconds_per_step: float
+    planned_after_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> BudgetPlan:
+        return cls(**{key: values[key] for key in cls.__dataclass_fields__})
+
+    @property
+    def seconds(self) -> float:
+        return self.minutes * 60.0
+
+    def out_of_time(self, elapsed_seconds: float) -> bool:
+        """Whether another step (with its share of the kNN monitor) would not leave the
+        final evaluation its time: then training stops now."""
+        step = self.step_seconds + self.monitor_seconds_per_step
+        return elapsed_seconds + step + self.eval_seconds + FIXED_RESERVE_SECONDS >= self.seconds
+
+
+def plan_steps(
+    budget_seconds: float,
+    elapsed_seconds: float,
+    step_seconds: float,
+    eval_seconds: float,
+    monitor_seconds_per_step: float = 0.0,
+) -> int:
+    """How many steps fit: (budget - spent - final evaluation - reserve) x margin, divided
+    by the cost of a step (its own time plus its share of the kNN monitor); at least 1."""
+    left = budget_seconds - elapsed_seconds - eval_seconds - FIXED_RESERVE_SECONDS
+    per_step = step_seconds + monitor_seconds_per_step
+    if per_step <= 0 or not math.isfinite(per_step):
+        raise ValueError(f"a step must take a positive, finite time, got {per_step}")
+    return max(1, int(left * PLAN_MARGIN / per_step))

@@ -1,0 +1,120 @@
+"""Time-budgeted training (train.budget_minutes, engine/budget.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from mocov3.cli import main
+from mocov3.config import ConfigError, load_config
+from mocov3.engine.budget import FIXED_RESERVE_SECONDS, PLAN_MARGIN, BudgetPlan, plan_steps
+from mocov3.engine.checkpoint import load_checkpoint
+from mocov3.engine.train import Trainer, TrainingError
+
+TINY = "configs/tiny.yaml"
+SMALL = [
+    "data.subset=512",
+    "train.batch_size=64",
+    "train.precision=fp32",
+    "eval.train_subset=512",
+    "eval.test_subset=200",
+]
+
+
+def test_plan_steps_matches_a_hand_computation():
+    # (600 - 50 spent - 40 evaluation - reserve) x margin / (0.5 s + 0.1 s of monitor)
+    left = (600 - 50 - 40 - FIXED_RESERVE_SECONDS) * PLAN_MARGIN
+    assert plan_steps(600, 50, 0.5, 40, 0.1) == int(left / 0.6)
+    assert plan_steps(60, 100, 0.5, 10) == 1  # already over budget: one step, then evaluate
+    plan = BudgetPlan(1.0, 10, 0.5, 20.0, 0.25, 5.0)
+    # another step (0.5 s + 0.25 s of monitor) must still leave 20 s + reserve
+    assert not plan.out_of_time(60 - 0.75 - 20 - FIXED_RESERVE_SECONDS - 0.01)
+    assert plan.out_of_time(60 - 0.75 - 20 - FIXED_RESERVE_SECONDS)
+    assert BudgetPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def train_losses(out: Path) -> list[float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["kind"] == "train"]
+
+
+def test_a_short_budget_stops_on_time_with_a_final_evaluation(tmp_path, capsys):
+    budget = 0.12  # minutes: about 7 s, of which 3 are the fixed reserve
+    out = tmp_path / "budget"
+    args = ["pretrain", "--config", TINY, "--out", str(out), "--budget-minutes", str(budget)]
+    for override in [*SMALL, "train.log_every=1", "train.epochs=4"]:
+        args += ["--set", override]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "time budget 0.12 min:" in err and "kNN after training" in err
+    summary = json.loads((out / "summary.json").read_text())
+    plan = summary["budget"]
+    assert plan["minutes"] == budget and plan["steps"] >= 1
+    assert summary["steps"] == plan["steps_done"] <= plan["steps"]
+    assert summary["knn_top1"] > 0  # the final evaluation ran
+    # on time: the planner leaves the evaluation its share; the slack covers noise in
+    # the measured step time on a busy machine
+    assert plan["run_wall_seconds"] <= budget * 60 * 1.5
+
+    # the measuring steps leave no trace: the same step count given in epochs (the warmup
+    # keeps its share) trains to the same losses, bit for bit
+    steps = plan["steps"]
+    same = load_config(
+        TINY,
+        [
+            *SMALL,
+            "train.log_every=1",
+            f"train.epochs={steps / 8}",
+            f"optim.warmup_epochs={steps / 8 / 4}",
+        ],
+    )
+    Trainer(same, tmp_path / "epochs").run()
+    assert train_losses(tmp_path / "epochs")[: summary["steps"]] == train_losses(out)
+
+
+def test_resume_keeps_the_plan_and_a_new_budget_bounds_the_time(tmp_path):
+    out = tmp_path / "run"
+    first = load_config(TINY, [*SMALL, "train.budget_minutes=1", "train.checkpoint_every_steps=2"])
+    trainer = Trainer(first, out)
+    calls = {"n": 0}
+
+    def stop_at_step_3(module, inputs, output):  # a real SIGTERM during training step 3
+        calls["n"] += module.training
+        if calls["n"] == 4 + 3:  # after the 4 measuring steps
+            os.kill(os.getpid(), signal.SIGTERM)
+        return output
+
+    trainer.model.backbone.register_forward_hook(stop_at_step_3)
+    summary = trainer.run()
+    assert summary["preempted"] and summary["step"] == 3
+    saved = load_checkpoint(out)["progress"]
+    plan = saved["budget"]
+    assert plan["minutes"] == 1.0 and saved["wall_seconds"] > 0
+
+    # resumed with a budget already spent: the planned schedule stays, training stops after
+    # one more step and the final evaluation still runs
+    spent = saved["wall_seconds"] / 60
+    later = load_config(TINY, [*SMALL, f"train.budget_minutes={spent / 2}"])
+    resumed = Trainer(later, out, resume="auto")
+    assert resumed.plan is not None and resumed.plan.steps == plan["steps"]
+    assert resumed.schedules.total_steps == plan["steps"]
+    result = resumed.run()
+    assert result["steps"] == 4 and result["budget"]["stopped_early"]
+    assert result["knn_top1"] > 0
+
+
+def test_bad_budget_is_a_one_line_error(tmp_path):
+    with pytest.raises(ConfigError, match="train.budget_minutes -1") as error:
+        load_config(TINY, ["train.budget_minutes=-1"])
+    assert "\n" not in str(error.value)
+    # a budget is planned when a run starts, not added to a run resumed without one
+    out = tmp_path / "run"
+    Trainer(load_config(TINY, [*SMALL, "train.epochs=1", "eval.knn_init=false"]), out).run()
+    later = load_config(TINY, [*SMALL, "train.epochs=2", "train.budget_minutes=1"])
+    with pytest.raises(TrainingError, match="a budget is planned when a run starts") as error:
+        Trainer(later, out, resume="auto").run()
+    assert "\n" not in str(error.value)
