@@ -682,12 +682,16 @@ class Trainer:
     def _agree_to_stop(self) -> bool:
         """Whether any process got a stop signal: a signal may reach the processes at
         different steps, and they must all stop after the same one."""
-        local = self._stop_signal is not None
-        if is_distributed():
-            flag = torch.tensor([float(local)], device=self.device)
-            local = bool(sum_over_processes(flag)[0] > 0)
-        self._stopping = local
-        return local
+        self._stopping = self._any_process(self._stop_signal is not None)
+        return self._stopping
+
+    def _any_process(self, local: bool) -> bool:
+        """Whether ``local`` holds on any process (itself when alone), so that every
+        process takes the same decision."""
+        if not is_distributed():
+            return local
+        flag = torch.tensor([float(local)], device=self.device)
+        return bool(sum_over_processes(flag)[0] > 0)
 
     def first_nonfinite_grad(self) -> str | None:
         """``"NAME (nan)"`` for the first trainable parameter whose gradient holds a NaN or
@@ -950,11 +954,7 @@ class Trainer:
         """Whether the budget leaves only the final evaluation's time (any process)."""
         if self.plan is None or self.step >= self.schedules.total_steps:
             return False
-        late = self.plan.out_of_time(self.elapsed())
-        if is_distributed():
-            flag = torch.tensor([float(late)], device=self.device)
-            late = bool(sum_over_processes(flag)[0] > 0)
-        return late
+        return self._any_process(self.plan.out_of_time(self.elapsed()))
 
     def _stop_for_budget(self, progress: Progress) -> None:
         self._budget_stop = True
