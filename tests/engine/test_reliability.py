@@ -97,6 +97,12 @@ def train_losses(out: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
 
 
+def grad_records(out: Path) -> list[dict]:
+    """The per-step gradient-norm records, without their wall-clock time."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "time"} for r in records if r["kind"] == "grad"]
+
+
 def one_error_line(err: str) -> str:
     errors = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert len(errors) == 1, err
@@ -185,6 +191,11 @@ def test_sigterm_then_resume_is_bit_identical(straight, tmp_path, capsys):
     for run in (out, other):
         assert_same_training_state(load_checkpoint(run), reference)
     assert train_losses(out) == train_losses(straight)  # metrics continue, no duplicates
+    # the gradient monitor's records and the instability detector's state continue too
+    assert grad_records(out) == grad_records(straight)
+    progress = load_checkpoint(out)["progress"]["stability"]
+    assert progress == load_checkpoint(straight)["progress"]["stability"]
+    assert len(progress["history"]["loss"]) == TOTAL_STEPS
 
 
 def test_new_run_in_an_old_directory_is_refused_unless_overwrite(straight, tmp_path, capsys):
