@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mocov3.engine.optim import trainable_parameters
+
 # the loss is smoothed by an EMA over about this many steps before rises are judged
 LOSS_SMOOTHING_STEPS = 10
 # the group the paper's Fig. 4 calls "first layer", in the order of preference
@@ -30,7 +32,7 @@ FIRST_LAYER_GROUPS = ("patch_embed", "stem", "blocks.first")
 
 
 def _trainable(modules: list[nn.Module]) -> list[nn.Parameter]:
-    return [p for module in modules for p in module.parameters() if p.requires_grad]
+    return [p for module in modules for p in trainable_parameters(module)]
 
 
 def _backbone_blocks(backbone: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
@@ -88,7 +90,7 @@ class GradientMonitor:
 
     def __init__(self, model: nn.Module) -> None:
         self.groups = gradient_groups(model)
-        self.all_params = [p for p in model.parameters() if p.requires_grad]
+        self.all_params = trainable_parameters(model)
 
     def norms(self, grad_scale: float = 1.0) -> dict[str, float]:
         """``{group: norm, ..., "total": norm}``; groups without gradients are left out.
@@ -258,7 +260,7 @@ class InstabilityDetector:
     def summary(self) -> dict[str, Any]:
         """What ``summary.json`` records as ``instability_events``."""
         return {
-            "total": sum(self.counts.values()),
+            "total": self.total,
             **self.counts,
             "grad_spikes_by_group": dict(self.spikes_by_group),
         }
