@@ -37,7 +37,7 @@ from mocov3.data.augment import TwoViewAugment, sample_keys
 from mocov3.data.datasets import ImageDataset, has_test_split, load_split
 from mocov3.data.loader import FolderIndex, StreamingBatches, folder_root, resolve_loader
 from mocov3.data.sampling import StepSampler, per_process_batch
-from mocov3.engine.budget import BudgetPlan, plan_steps
+from mocov3.engine.budget import BudgetPlan, plan_steps, replan_step
 from mocov3.engine.checkpoint import (
     CheckpointError,
     check_resumable,
@@ -504,6 +504,7 @@ class Trainer:
         )
         self._grad_norms: dict[str, float] | None = None  # of the step just taken
         self._detector_before_monitor: tuple[int, dict[str, Any]] = (-1, {})
+        self._pace_from = (0, 0.0, 0.0)  # (step, elapsed, monitor seconds) as the loop began
         self.step = 0
         self.sampler = StepSampler(
             self.data.num_images,
@@ -882,20 +883,59 @@ class Trainer:
         eval_seconds = 1.1 * per_image * final_images
         elapsed = self.elapsed()
         steps = plan_steps(minutes * 60, elapsed, step_seconds, eval_seconds, monitor)
-        if is_distributed():  # every process must lay out the same schedule
-            steps = int(sum_over_processes(torch.tensor([float(steps)], device=self.device))[0])
-            steps //= self.process.world_size
+        steps = self._agree_steps(steps)
         self.plan = BudgetPlan(minutes, steps, step_seconds, eval_seconds, monitor, elapsed)
-        self.schedules = build_schedules(self.config, self.data.num_images, steps)
-        self.close()
-        self.batches = self._batch_source(self.step, steps)
-        progress.total = steps
+        self._lay_schedules(steps, progress)
         epochs = steps / self.schedules.steps_per_epoch
         progress.message(
             f"time budget {minutes:g} min: {steps} steps ({epochs:.2f} epochs) at "
             f"{step_seconds:.3f} s per step, {eval_seconds:.0f} s kept for the final evaluation"
         )
         log.log("budget", 0, **self.plan.to_dict())
+
+    def _agree_steps(self, steps: int) -> int:
+        """The processes' mean step count: every process must lay out the same schedule."""
+        if not is_distributed():
+            return steps
+        total = sum_over_processes(torch.tensor([float(steps)], device=self.device))[0]
+        return int(total) // self.process.world_size
+
+    def _lay_schedules(self, steps: int, progress: Progress) -> None:
+        self.schedules = build_schedules(self.config, self.data.num_images, steps)
+        self.close()
+        self.batches = self._batch_source(self.step, steps)
+        progress.total = steps
+
+    def _maybe_replan(self, log: MetricsLog | NullLog, progress: Progress) -> None:
+        """Once, after ``replan_step`` steps: plan again from the wall time this session's
+        steps took (logging and checkpoints included, the kNN monitor excluded: it keeps its
+        own estimate), so the schedules end when the budget does instead of being cut short
+        by the hard stop (see engine/budget.py)."""
+        plan = self.plan
+        if plan is None or plan.replanned_at_step is not None:
+            return
+        if self.step != replan_step(plan.steps):
+            return
+        first_step, started, monitor_before = self._pace_from
+        if self.step - first_step < 10:  # resumed just before: too few steps to measure
+            return
+        elapsed = self.elapsed()
+        spent = elapsed - started - (self.monitor_seconds - monitor_before)
+        pace = spent / (self.step - first_step)
+        left = plan_steps(
+            plan.seconds, elapsed, pace, plan.eval_seconds, plan.monitor_seconds_per_step
+        )
+        steps = self._agree_steps(self.step + left)
+        plan.first_steps, plan.replanned_at_step = plan.steps, self.step
+        plan.steps, plan.step_seconds, plan.planned_after_seconds = steps, pace, elapsed
+        if steps != self.schedules.total_steps:
+            self._lay_schedules(steps, progress)
+        progress.message(
+            f"time budget: the first {self.step} steps took {pace:.3f} s each; re-planned to "
+            f"{steps} steps ({steps / self.schedules.steps_per_epoch:.2f} epochs, "
+            f"was {plan.first_steps})"
+        )
+        log.log("budget", self.step, **plan.to_dict())
 
     def _measure_step_seconds(self, steps: int = 4) -> float:
         """The median time of real training steps 2..``steps`` (the first pays one-off
@@ -1113,6 +1153,7 @@ class Trainer:
         window: list[float] = []
         if (start := self.monitor(log)) is not None:
             self.last_knn = start["knn_top1"]  # the monitor's own starting point, same subset
+        self._pace_from = (self.step, self.elapsed(), self.monitor_seconds)
         while self.step < self.schedules.total_steps and not self._agree_to_stop():
             tic = time.perf_counter()
             loss = self.train_step(self.step)
@@ -1140,6 +1181,7 @@ class Trainer:
             fields["inst"] = str(self.detector.total)
             progress.update(self.step, fields, per_step)
             self.step += 1
+            self._maybe_replan(log, progress)
             out_of_time = self._agree_out_of_time()
             if out_of_time:
                 self._stop_for_budget(progress)

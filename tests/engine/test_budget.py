@@ -11,7 +11,13 @@ import pytest
 
 from mocov3.cli import main
 from mocov3.config import ConfigError, load_config
-from mocov3.engine.budget import FIXED_RESERVE_SECONDS, PLAN_MARGIN, BudgetPlan, plan_steps
+from mocov3.engine.budget import (
+    FIXED_RESERVE_SECONDS,
+    PLAN_MARGIN,
+    BudgetPlan,
+    plan_steps,
+    replan_step,
+)
 from mocov3.engine.checkpoint import load_checkpoint
 from mocov3.engine.train import Trainer, TrainingError
 
@@ -35,6 +41,11 @@ def test_plan_steps_matches_a_hand_computation():
     assert not plan.out_of_time(60 - 0.75 - 20 - FIXED_RESERVE_SECONDS - 0.01)
     assert plan.out_of_time(60 - 0.75 - 20 - FIXED_RESERVE_SECONDS)
     assert BudgetPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    # re-planned after 5% of the steps, at least 20; a plan too short for that is kept
+    assert replan_step(1419) == 71 and replan_step(100) == 20 and replan_step(39) is None
+    # a plan saved before re-plans existed still loads
+    old = {k: v for k, v in plan.to_dict().items() if k not in ("first_steps", "replanned_at_step")}
+    assert BudgetPlan.from_dict(old) == plan
 
 
 def train_losses(out: Path) -> list[float]:
@@ -61,8 +72,10 @@ def test_a_short_budget_stops_on_time_with_a_final_evaluation(tmp_path, capsys):
     assert plan["run_wall_seconds"] <= budget * 60 * 1.5
 
     # the measuring steps leave no trace: the same step count given in epochs (the warmup
-    # keeps its share) trains to the same losses, bit for bit
-    steps = plan["steps"]
+    # keeps its share) trains to the same losses, bit for bit, up to the re-plan (after it
+    # the schedules are laid over the new count)
+    steps = plan["first_steps"] or plan["steps"]
+    compared = plan["replanned_at_step"] or summary["steps"]
     same = load_config(
         TINY,
         [
@@ -73,7 +86,34 @@ def test_a_short_budget_stops_on_time_with_a_final_evaluation(tmp_path, capsys):
         ],
     )
     Trainer(same, tmp_path / "epochs").run()
-    assert train_losses(tmp_path / "epochs")[: summary["steps"]] == train_losses(out)
+    assert train_losses(tmp_path / "epochs")[:compared] == train_losses(out)[:compared]
+
+
+def test_a_slow_machine_is_replanned_from_the_measured_pace(tmp_path, monkeypatch):
+    # the measuring steps report a quarter of their time, as if the machine slowed 4x after
+    # them: the first plan is ~4x too long; without the re-plan the hard stop would cut the
+    # run at about a quarter of it, before the cosine reached its low-lr end
+    measure = Trainer._measure_step_seconds
+    monkeypatch.setattr(
+        Trainer, "_measure_step_seconds", lambda self, steps=4: measure(self, steps) / 4
+    )
+    config = load_config(TINY, [*SMALL, "train.budget_minutes=0.15", "train.log_every=1"])
+    out = tmp_path / "slow"
+    summary = Trainer(config, out).run()
+    plan = summary["budget"]
+    assert plan["replanned_at_step"] == replan_step(plan["first_steps"])
+    assert plan["steps"] < plan["first_steps"] / 2  # the pace was found ~4x slower
+    # the new plan fits: the run ends at (or, on a busy machine, near) its planned last step
+    assert plan["steps_done"] >= 0.8 * plan["steps"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    budgets = [r for r in records if r["kind"] == "budget"]
+    assert [r["step"] for r in budgets] == [0, plan["replanned_at_step"]]
+    # the lr schedule was laid again over the new count: it ends near zero
+    lrs = [r["lr"] for r in records if r["kind"] == "train"]
+    assert len(lrs) == plan["steps_done"]
+    if not plan["stopped_early"]:
+        assert lrs[-1] < 0.05 * max(lrs)
+    assert plan["run_wall_seconds"] <= 0.15 * 60 * 1.5
 
 
 def test_resume_keeps_the_plan_and_a_new_budget_bounds_the_time(tmp_path):
