@@ -118,3 +118,29 @@ def test_readme_config_reference_lists_every_key():
     readme = Path("README.md").read_text()
     missing = [key for key in _keys(Config().to_dict()) if f"`{key}`" not in readme]
     assert not missing, f"README configuration reference lacks {missing}"
+
+
+def _flat(config: Config) -> dict[str, object]:
+    return {
+        f"{section}.{key}": value
+        for section, values in config.to_dict().items()
+        for key, value in values.items()
+    }
+
+
+def test_paper_small_departs_from_the_paper_only_in_scale():
+    # the comparison curve of the accuracy-at-budget plot: the paper's recipe with only the
+    # model, image size, batch, run length and monitoring scaled to 28 px on a CPU budget
+    paper, small = _flat(Config()), _flat(load_config("configs/paper_small.yaml"))
+    changed = {key for key in paper if paper[key] != small[key]}
+    scale = {"model.arch", "model.embed_dim", "model.depth", "model.num_heads"}
+    scale |= {"model.patch_size", "data.image_size", "train.batch_size", "train.epochs"}
+    scale |= {"optim.warmup_epochs", "train.budget_minutes", "train.log_every"}
+    scale |= {"eval.knn_init", "eval.monitor_every"}
+    assert changed == scale
+    # the warmup keeps the paper's share of the run (40 of 300 epochs)
+    assert small["optim.warmup_epochs"] / small["train.epochs"] == pytest.approx(40 / 300)
+    # and the backbone is the demo's, so the two curves differ only in the recipe
+    demo = _flat(load_config("configs/demo.yaml"))
+    for key in ("model.embed_dim", "model.depth", "model.num_heads", "model.patch_size"):
+        assert small[key] == demo[key]

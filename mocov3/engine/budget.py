@@ -8,11 +8,14 @@ summary records it), and a resumed run keeps its plan and its clock. A hard stop
 the budget should the machine slow down: when the time left would not cover the final
 evaluation, training stops early and the evaluation still runs.
 
-A few measured steps can run faster than the run's steady pace (caches, clocks, the
-per-step logging they skip: 12% on the demo), and a run cut short by the hard stop never
-reaches the low-lr end of its cosine. So the plan is made once more, from the wall time
-the run's own first steps took (``replan_step``: 5% of the plan, at least 20 steps), and the
-schedules are laid again over the steps that then fit.
+A few measured steps are a rough guide to the run's pace (on the demo they were 12% fast
+once and 40% slow another time), and a shared machine's speed wanders by 10-20% over
+minutes. A run cut short by the hard stop never reaches the low-lr end of its cosine, and
+one that finishes early leaves minutes unused. So the plan is made again at 5%, 30% and
+60% of its steps (``replan_step``), from the wall time the run's own steps have taken so
+far, and the schedules are laid again over the steps that then fit. At a re-plan the lr
+moves by about as many percent of its peak as the step count changes (a few, after the
+first).
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from typing import Any
 FIXED_RESERVE_SECONDS = 3.0
 # the planner aims a little under the budget: step times wander by a few percent
 PLAN_MARGIN = 0.97
-# the plan is checked against the run's own pace after this share of its steps
-REPLAN_FRACTION = 0.05
+# the plan is checked against the run's own pace at these shares of its steps, each at
+# least REPLAN_MIN_STEPS after the start or the previous check
+REPLAN_FRACTIONS = (0.05, 0.3, 0.6)
 REPLAN_MIN_STEPS = 20
 
 
@@ -36,8 +40,8 @@ class BudgetPlan:
     ``step_seconds``: the measured time of one step; ``eval_seconds``: the estimated final
     evaluation; ``monitor_seconds_per_step``: the kNN monitor's cost spread over steps;
     ``planned_after_seconds``: wall seconds already spent when it was planned;
-    ``first_steps``: the first plan's steps and ``replanned_at_step`` the step it was made
-    again at (both None until then)."""
+    ``first_steps``: the first plan's steps, ``replanned_at_step`` the step of the latest
+    re-plan (both None until one) and ``replans`` how many were made."""
 
     minutes: float
     steps: int
@@ -47,6 +51,7 @@ class BudgetPlan:
     planned_after_seconds: float
     first_steps: int | None = None
     replanned_at_step: int | None = None
+    replans: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,8 +87,13 @@ def plan_steps(
     return max(1, int(left * PLAN_MARGIN / per_step))
 
 
-def replan_step(planned_steps: int) -> int | None:
-    """After which step a plan of ``planned_steps`` is made again from the run's measured
-    pace; None when the plan is too short for that to be worth a schedule change."""
-    step = max(REPLAN_MIN_STEPS, math.ceil(REPLAN_FRACTION * planned_steps))
-    return step if step <= planned_steps // 2 else None
+def replan_step(planned_steps: int, replans: int = 0, previous: int | None = None) -> int | None:
+    """The step after which a plan of ``planned_steps`` is made again, when ``replans`` were
+    made so far (the latest after step ``previous``); None: no more re-plans, or a plan too
+    short for one to be worth a schedule change."""
+    if replans >= len(REPLAN_FRACTIONS) or planned_steps < 2 * REPLAN_MIN_STEPS:
+        return None
+    step = max(
+        (previous or 0) + REPLAN_MIN_STEPS, math.ceil(REPLAN_FRACTIONS[replans] * planned_steps)
+    )
+    return step if step < planned_steps else None

@@ -907,17 +907,17 @@ class Trainer:
         progress.total = steps
 
     def _maybe_replan(self, log: MetricsLog | NullLog, progress: Progress) -> None:
-        """Once, after ``replan_step`` steps: plan again from the wall time this session's
-        steps took (logging and checkpoints included, the kNN monitor excluded: it keeps its
-        own estimate), so the schedules end when the budget does instead of being cut short
-        by the hard stop (see engine/budget.py)."""
+        """At ``replan_step``: plan again from the wall time this session's steps took
+        (logging and checkpoints included, the kNN monitor excluded: it keeps its own
+        estimate), so the schedules end when the budget does instead of being cut short by
+        the hard stop or finishing early (see engine/budget.py)."""
         plan = self.plan
-        if plan is None or plan.replanned_at_step is not None:
+        if plan is None:
             return
-        if self.step != replan_step(plan.steps):
-            return
+        at = replan_step(plan.steps, plan.replans, plan.replanned_at_step)
         first_step, started, monitor_before = self._pace_from
-        if self.step - first_step < 10:  # resumed just before: too few steps to measure
+        # resumed just before: too few steps to measure, the check waits for ten
+        if at is None or self.step < at or self.step - first_step < 10:
             return
         elapsed = self.elapsed()
         spent = elapsed - started - (self.monitor_seconds - monitor_before)
@@ -925,15 +925,16 @@ class Trainer:
         left = plan_steps(
             plan.seconds, elapsed, pace, plan.eval_seconds, plan.monitor_seconds_per_step
         )
-        steps = self._agree_steps(self.step + left)
-        plan.first_steps, plan.replanned_at_step = plan.steps, self.step
+        steps, was = self._agree_steps(self.step + left), plan.steps
+        if plan.first_steps is None:
+            plan.first_steps = plan.steps
+        plan.replanned_at_step, plan.replans = self.step, plan.replans + 1
         plan.steps, plan.step_seconds, plan.planned_after_seconds = steps, pace, elapsed
         if steps != self.schedules.total_steps:
             self._lay_schedules(steps, progress)
         progress.message(
-            f"time budget: the first {self.step} steps took {pace:.3f} s each; re-planned to "
-            f"{steps} steps ({steps / self.schedules.steps_per_epoch:.2f} epochs, "
-            f"was {plan.first_steps})"
+            f"time budget: {pace:.3f} s per step so far; re-planned at step {self.step} to "
+            f"{steps} steps ({steps / self.schedules.steps_per_epoch:.2f} epochs, was {was})"
         )
         log.log("budget", self.step, **plan.to_dict())
 

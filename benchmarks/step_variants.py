@@ -1,0 +1,81 @@
+"""Training-step time of model variants, side by side in one process.
+
+Usage:
+    python benchmarks/step_variants.py [--config configs/demo.yaml] [--steps 12] \
+        [--variant NAME KEY=VALUE ...] ...
+
+Each variant is the preset with its overrides (none: the preset itself). Every variant
+builds a real Trainer on the preset's data and times full training steps (batched
+augmentation, both encoders, EMA, backward, AdamW) after two untimed ones; the variants run
+one after another in the same process, so the ratios between them are what to read, not
+the absolute numbers (this 2-core machine's speed wanders by about 15%). This is how the
+demo's model was picked at a fixed CPU budget (README, "Results").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+from mocov3.config import load_config
+from mocov3.engine.train import Trainer
+
+DEFAULT_VARIANTS = {
+    "preset": [],
+    "depth 3": ["model.depth=3"],
+    "heads 1024": ["model.proj_hidden_dim=1024", "model.pred_hidden_dim=1024"],
+    "dim 128, 4 heads, heads 1024": [
+        "model.embed_dim=128",
+        "model.num_heads=4",
+        "model.proj_hidden_dim=1024",
+        "model.pred_hidden_dim=1024",
+    ],
+}
+# timing only: no budget, no kNN, a data subset that loads fast
+TIMING = ["train.budget_minutes=null", "eval.knn_init=false", "eval.monitor_every=0"]
+
+
+def step_seconds(config_path: str, overrides: list[str], steps: int) -> float:
+    config = load_config(config_path, [*overrides, *TIMING, "data.subset=8192"])
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(config, out, overwrite=True)
+        trainer.batches = trainer._batch_source(0, steps + 2)
+        try:
+            trainer.train_step(0)
+            trainer.train_step(1)
+            tic = time.perf_counter()
+            for step in range(2, steps + 2):
+                trainer.train_step(step)
+            return (time.perf_counter() - tic) / steps
+        finally:
+            trainer.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--variant", nargs="+", action="append", metavar="NAME KEY=VALUE")
+    args = parser.parse_args()
+    variants = DEFAULT_VARIANTS
+    if args.variant:
+        variants = {name: list(sets) for name, *sets in args.variant}
+    batch = load_config(args.config).train.batch_size
+    rows = {}
+    for name, overrides in variants.items():
+        seconds = step_seconds(args.config, overrides, args.steps)
+        rows[name] = {
+            "step_seconds": round(seconds, 4),
+            "images_per_second": round(batch / seconds),
+        }
+        print(f"{name:32s} {seconds:.3f} s/step  {batch / seconds:6.0f} img/s", flush=True)
+    first = next(iter(rows.values()))["step_seconds"]
+    for row in rows.values():
+        row["speed_vs_first"] = round(first / row["step_seconds"], 2)
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
