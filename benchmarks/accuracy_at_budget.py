@@ -7,8 +7,8 @@ Usage:
 Each run must have been trained with ``--budget-minutes`` (its ``budget`` record gives the
 run's start). The kNN monitor (a subset of memory and queries, dense) is drawn as a line,
 the full-split evaluations before and after training as markers. The raw-pixel kNN is
-computed here on the full splits and on the first run's monitor subset, with the run's
-own kNN settings, and drawn across.
+computed here on the full splits and on each monitor subset the runs used (runs can size
+their monitors differently), with the first run's kNN settings, and drawn across.
 """
 
 from __future__ import annotations
@@ -83,28 +83,29 @@ def main() -> None:
     labels = args.labels or [str(run) for run in args.runs]
     curves = [curve(run) for run in args.runs]
     raw_full = raw_pixel_knn(args.runs[0], None)
-    raw_monitor = None
-    if curves[0]["monitor_size"] is not None:
-        raw_monitor = raw_pixel_knn(args.runs[0], curves[0]["monitor_size"])
+    sizes = sorted({c["monitor_size"] for c in curves if c["monitor_size"] is not None})
+    raw_monitor = {size: raw_pixel_knn(args.runs[0], size) for size in sizes}
     figure, axis = plt.subplots(figsize=(7.5, 4.5))
     for index, (label, data) in enumerate(zip(labels, curves, strict=True)):
         colour = f"C{index}"
         if data["monitor"]:
             xs, ys = zip(*data["monitor"], strict=True)
-            axis.plot(xs, ys, "-", color=colour, lw=1.2, label=f"{label}: kNN monitor (subset)")
+            memory, queries = data["monitor_size"]
+            subset = f"kNN monitor ({memory}/{queries})"
+            axis.plot(xs, ys, "-", color=colour, lw=1.2, label=f"{label}: {subset}")
         if data["full"]:
             xs, ys = zip(*data["full"], strict=True)
             axis.plot(xs, ys, "o", color=colour, ms=7, label=f"{label}: full split")
     axis.axhline(
         raw_full, color="black", ls="--", lw=1, label=f"raw pixels, full split ({raw_full:.2f})"
     )
-    if raw_monitor is not None:
+    for (memory, queries), value in raw_monitor.items():
         axis.axhline(
-            raw_monitor,
+            value,
             color="grey",
             ls=":",
             lw=1,
-            label=f"raw pixels, monitor subset ({raw_monitor:.2f})",
+            label=f"raw pixels, monitor subset {memory}/{queries} ({value:.2f})",
         )
     top = max([raw_full] + [y for c in curves for _, y in c["monitor"] + c["full"]])
     axis.set_ylim(top=top + 1.0)  # the raw-pixel line stays inside the frame
@@ -120,7 +121,7 @@ def main() -> None:
             {
                 "out": str(args.out),
                 "raw_pixels_full": raw_full,
-                "raw_pixels_monitor_subset": raw_monitor,
+                "raw_pixels_monitor_subsets": {f"{m}/{q}": v for (m, q), v in raw_monitor.items()},
                 "runs": {
                     label: {
                         "final": c["full"][-1] if c["full"] else None,

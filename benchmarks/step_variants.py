@@ -41,6 +41,7 @@ def step_seconds(config_path: str, overrides: list[str], steps: int) -> float:
     config = load_config(config_path, [*overrides, *TIMING, "data.subset=8192"])
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(config, out, overwrite=True)
+        trainer.close()  # the input pipeline __init__ made, replaced by one for these steps
         trainer.batches = trainer._batch_source(0, steps + 2)
         try:
             trainer.train_step(0)

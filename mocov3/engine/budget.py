@@ -12,10 +12,11 @@ A few measured steps are a rough guide to the run's pace (on the demo they were 
 once and 40% slow another time), and a shared machine's speed wanders by 10-20% over
 minutes. A run cut short by the hard stop never reaches the low-lr end of its cosine, and
 one that finishes early leaves minutes unused. So the plan is made again at 5%, 30% and
-60% of its steps (``replan_step``), from the wall time the run's own steps have taken so
-far, and the schedules are laid again over the steps that then fit. At a re-plan the lr
-moves by about as many percent of its peak as the step count changes (a few, after the
-first).
+60% of its steps (``replan_step``), from the wall time the run's own steps took since the
+previous plan, and the schedules are laid again over the steps that then fit. A resumed
+run keeps its plan and makes the re-plans it has not made yet, from its own steps. At a
+re-plan the lr moves by about as many percent of its peak as the step count changes (a
+few, after the first).
 """
 
 from __future__ import annotations

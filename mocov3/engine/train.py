@@ -471,7 +471,8 @@ class Trainer:
                 file=sys.stderr,
             )
         self.plan = _saved_plan(state) if config.train.budget_minutes else None
-        if self.plan is not None:  # a resume keeps the plan's schedule; a new budget bounds time
+        if self.plan is not None:  # a resume keeps the plan (and its pending re-plans);
+            # a new budget bounds the time of all sessions
             self.plan.minutes = float(config.train.budget_minutes)
         self.schedules = build_schedules(
             config, self.data.num_images, self.plan.steps if self.plan else None
@@ -504,7 +505,9 @@ class Trainer:
         )
         self._grad_norms: dict[str, float] | None = None  # of the step just taken
         self._detector_before_monitor: tuple[int, dict[str, Any]] = (-1, {})
-        self._pace_from = (0, 0.0, 0.0)  # (step, elapsed, monitor seconds) as the loop began
+        # (step, elapsed, monitor seconds) the pace is measured from: the loop's start or
+        # the latest re-plan
+        self._pace_from = (0, 0.0, 0.0)
         self.step = 0
         self.sampler = StepSampler(
             self.data.num_images,
@@ -907,10 +910,12 @@ class Trainer:
         progress.total = steps
 
     def _maybe_replan(self, log: MetricsLog | NullLog, progress: Progress) -> None:
-        """At ``replan_step``: plan again from the wall time this session's steps took
-        (logging and checkpoints included, the kNN monitor excluded: it keeps its own
-        estimate), so the schedules end when the budget does instead of being cut short by
-        the hard stop or finishing early (see engine/budget.py)."""
+        """At ``replan_step``: plan again from the wall time the steps since the previous
+        plan took (logging and checkpoints included, the kNN monitor excluded: it keeps its
+        own estimate), so the schedules end when the budget does instead of being cut short
+        by the hard stop or finishing early (see engine/budget.py). The main process's count
+        is taken: the others wait out its kNN monitor inside their next step, which would
+        count the monitor twice."""
         plan = self.plan
         if plan is None:
             return
@@ -925,7 +930,7 @@ class Trainer:
         left = plan_steps(
             plan.seconds, elapsed, pace, plan.eval_seconds, plan.monitor_seconds_per_step
         )
-        steps, was = self._agree_steps(self.step + left), plan.steps
+        steps, was = self._main_process_steps(self.step + left), plan.steps
         if plan.first_steps is None:
             plan.first_steps = plan.steps
         plan.replanned_at_step, plan.replans = self.step, plan.replans + 1
@@ -933,10 +938,18 @@ class Trainer:
         if steps != self.schedules.total_steps:
             self._lay_schedules(steps, progress)
         progress.message(
-            f"time budget: {pace:.3f} s per step so far; re-planned at step {self.step} to "
+            f"time budget: {pace:.3f} s per step lately; re-planned at step {self.step} to "
             f"{steps} steps ({steps / self.schedules.steps_per_epoch:.2f} epochs, was {was})"
         )
         log.log("budget", self.step, **plan.to_dict())
+        self._pace_from = (self.step, elapsed, self.monitor_seconds)  # the next measure
+
+    def _main_process_steps(self, steps: int) -> int:
+        """The main process's step count, for every process."""
+        if not is_distributed():
+            return steps
+        mine = torch.tensor([float(steps if self.is_main else 0)], device=self.device)
+        return int(sum_over_processes(mine)[0])
 
     def _measure_step_seconds(self, steps: int = 4) -> float:
         """The median time of real training steps 2..``steps`` (the first pays one-off
@@ -1222,7 +1235,15 @@ class Trainer:
 def _saved_plan(state: dict[str, Any] | None) -> BudgetPlan | None:
     """The time budget's plan a checkpoint carries (None: not planned yet)."""
     saved = (state or {}).get("progress", {}).get("budget")
-    return BudgetPlan.from_dict(saved) if saved else None
+    if not saved:
+        return None
+    try:
+        return BudgetPlan.from_dict(saved)
+    except (KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"the checkpoint's time-budget plan is unreadable ({error}); resume without "
+            "train.budget_minutes, or start a new run"
+        ) from None
 
 
 def _progress_fields(values: dict[str, float], step: int, steps_per_epoch: int) -> dict[str, str]:

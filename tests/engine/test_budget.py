@@ -18,8 +18,8 @@ from mocov3.engine.budget import (
     plan_steps,
     replan_step,
 )
-from mocov3.engine.checkpoint import load_checkpoint
-from mocov3.engine.train import Trainer, TrainingError
+from mocov3.engine.checkpoint import CheckpointError, load_checkpoint
+from mocov3.engine.train import Trainer, TrainingError, _saved_plan
 
 TINY = "configs/tiny.yaml"
 SMALL = [
@@ -50,6 +50,9 @@ def test_plan_steps_matches_a_hand_computation():
     new_keys = ("first_steps", "replanned_at_step", "replans")
     old = {k: v for k, v in plan.to_dict().items() if k not in new_keys}
     assert BudgetPlan.from_dict(old) == plan
+    # a checkpoint with a damaged plan is a one-line checkpoint error, not a TypeError
+    with pytest.raises(CheckpointError, match="time-budget plan is unreadable"):
+        _saved_plan({"progress": {"budget": {"minutes": 1.0}}})
 
 
 def train_losses(out: Path) -> list[float]:
@@ -101,7 +104,9 @@ def test_a_slow_machine_is_replanned_from_the_measured_pace(tmp_path, monkeypatc
     monkeypatch.setattr(
         Trainer, "_measure_step_seconds", lambda self, steps=4: measure(self, steps) / 4
     )
-    config = load_config(TINY, [*SMALL, "train.budget_minutes=0.15", "train.log_every=1"])
+    # 12 s: enough that the first plan (~4x too long) passes its first re-plan point (5%,
+    # at least step 20) well before the hard stop would come at about a quarter of it
+    config = load_config(TINY, [*SMALL, "train.budget_minutes=0.2", "train.log_every=1"])
     out = tmp_path / "slow"
     summary = Trainer(config, out).run()
     plan = summary["budget"]
@@ -116,9 +121,9 @@ def test_a_slow_machine_is_replanned_from_the_measured_pace(tmp_path, monkeypatc
     # the lr schedule was laid again over the new count: it ends near zero
     lrs = [r["lr"] for r in records if r["kind"] == "train"]
     assert len(lrs) == plan["steps_done"]
-    if not plan["stopped_early"]:
-        assert lrs[-1] < 0.05 * max(lrs)
-    assert plan["run_wall_seconds"] <= 0.15 * 60 * 1.5
+    # at 80% of a warmup+cosine run the lr is at most ~12% of its peak (0 at its end)
+    assert lrs[-1] < 0.2 * max(lrs)
+    assert plan["run_wall_seconds"] <= 0.2 * 60 * 1.5
 
 
 def test_resume_keeps_the_plan_and_a_new_budget_bounds_the_time(tmp_path):
