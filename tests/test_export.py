@@ -336,10 +336,17 @@ def test_reference_linear_probe_checkpoint_converts(tmp_path, kind):
         run.backbone("momentum")
 
 
-def _mangle(tmp_path: Path, change) -> Path:
-    file, _ = _reference_pretraining("vit_small", tmp_path)
-    raw = torch.load(file, weights_only=True)
+@pytest.fixture(scope="module")
+def vit_small_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One reference ViT-S checkpoint for the tests that mangle a copy of it."""
+    file, _ = _reference_pretraining("vit_small", tmp_path_factory.mktemp("reference"))
+    return file
+
+
+def _mangle(source: Path, tmp_path: Path, change) -> Path:
+    raw = torch.load(source, weights_only=True)
     change(raw)
+    file = tmp_path / source.name
     torch.save(raw, file)
     return file
 
@@ -369,16 +376,18 @@ def _mangle(tmp_path: Path, change) -> Path:
         ),
     ],
 )
-def test_mangled_reference_checkpoint_is_refused_listing_the_layout(tmp_path, change, message):
-    file = _mangle(tmp_path, change)
+def test_mangled_reference_checkpoint_is_refused_listing_the_layout(
+    vit_small_reference, tmp_path, change, message
+):
+    file = _mangle(vit_small_reference, tmp_path, change)
     with pytest.raises(ReferenceLayoutError, match=message) as caught:
         import_reference(file, tmp_path / "ours.pt")
     assert "expected a MoCo v3 reference checkpoint" in str(caught.value)
     assert not (tmp_path / "ours.pt").exists()
 
 
-def test_intermediate_reference_checkpoint_records_its_epoch(tmp_path):
-    file = _mangle(tmp_path, lambda raw: raw.update(epoch=10))
+def test_intermediate_reference_checkpoint_records_its_epoch(vit_small_reference, tmp_path):
+    file = _mangle(vit_small_reference, tmp_path, lambda raw: raw.update(epoch=10))
     import_reference(file, tmp_path / "ours.pt")
     run = open_checkpoint(tmp_path / "ours.pt")
     assert run.state["epoch"] == 10.0 and run.config.train.epochs == 300.0
