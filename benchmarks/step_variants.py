@@ -24,14 +24,10 @@ from mocov3.engine.train import Trainer
 
 DEFAULT_VARIANTS = {
     "preset": [],
-    "depth 3": ["model.depth=3"],
+    "dim 96": ["model.embed_dim=96"],
+    "patch 7 (16 tokens)": ["model.patch_size=7"],
+    "dim 96, patch 7 (the previous demo)": ["model.embed_dim=96", "model.patch_size=7"],
     "heads 1024": ["model.proj_hidden_dim=1024", "model.pred_hidden_dim=1024"],
-    "dim 128, 4 heads, heads 1024": [
-        "model.embed_dim=128",
-        "model.num_heads=4",
-        "model.proj_hidden_dim=1024",
-        "model.pred_hidden_dim=1024",
-    ],
 }
 # timing only: no budget, no kNN, a data subset that loads fast
 TIMING = ["train.budget_minutes=null", "eval.knn_init=false", "eval.monitor_every=0"]
