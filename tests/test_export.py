@@ -1,6 +1,8 @@
 """Export to timm/safetensors and import of the reference implementation's checkpoints."""
 
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -337,10 +339,13 @@ def test_reference_linear_probe_checkpoint_converts(tmp_path, kind):
 
 
 @pytest.fixture(scope="module")
-def vit_small_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One reference ViT-S checkpoint for the tests that mangle a copy of it."""
-    file, _ = _reference_pretraining("vit_small", tmp_path_factory.mktemp("reference"))
-    return file
+def vit_small_reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One reference ViT-S checkpoint (~175 MB) for the tests that mangle a copy of it,
+    removed after the module (the retention policy only clears per-test folders)."""
+    folder = tmp_path_factory.mktemp("reference")
+    file, _ = _reference_pretraining("vit_small", folder)
+    yield file
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _mangle(source: Path, tmp_path: Path, change) -> Path:
