@@ -398,6 +398,15 @@ def test_intermediate_reference_checkpoint_records_its_epoch(vit_small_reference
     assert run.state["epoch"] == 10.0 and run.config.train.epochs == 300.0
 
 
+@pytest.mark.parametrize("content", [b"e.", b"", b"PK\x03\x04 cut short"])
+def test_damaged_reference_file_is_unreadable_not_a_traceback(tmp_path, content):
+    file = tmp_path / "damaged.pth.tar"
+    file.write_bytes(content)
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        import_reference(file, tmp_path / "ours.pt")
+    assert not (tmp_path / "ours.pt").exists()
+
+
 def test_cli_import_reference_refusal_is_one_line(tmp_path, capsys):
     file = tmp_path / "other.pt"
     torch.save({"model": {"w": torch.zeros(1)}}, file)

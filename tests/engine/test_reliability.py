@@ -442,6 +442,20 @@ def test_checkpoint_of_another_architecture(straight, tmp_path, capsys):
     assert "model.embed_dim 64 in the checkpoint, 32 in the config" in line
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"e.", b"", b"PK\x03\x04 cut short", b"\x80\x02}q\x00(X\x01\x00\x00\x00a"],
+    ids=["pop-mark-indexerror", "empty", "zip-cut-short", "pickle-cut-short"],
+)
+def test_damaged_bytes_are_a_one_line_checkpoint_error(tmp_path, content):
+    # garbage reaches torch's legacy unpickler, which fails with IndexError and the like;
+    # once, random bytes in the resume test below did exactly that
+    path = tmp_path / "checkpoint-3.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        load_checkpoint(path)
+
+
 def test_resume_auto_skips_corrupt_and_partial_checkpoints(straight, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
