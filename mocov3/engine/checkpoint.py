@@ -151,15 +151,11 @@ def _first_line(error: BaseException) -> str:
     return (text.splitlines()[0] if text else type(error).__name__)[:160]
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load with ``weights_only=True``: tensors and plain containers only, never code."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / LATEST
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found (pass DIR/checkpoint.pt of a run)")
+def load_weights_only(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only,
+    never code. Whatever goes wrong becomes one :class:`CheckpointError` line."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         # torch names the refused global on a line of its own; show that one
@@ -176,6 +172,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {path} is unreadable or truncated ({_first_line(error)})"
         ) from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A mocov3 checkpoint (a file, or a run directory's latest), loaded weights-only."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LATEST
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found (pass DIR/checkpoint.pt of a run)")
+    state = load_weights_only(path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not a mocov3 checkpoint (no 'model'/'config' entries)")
     return state

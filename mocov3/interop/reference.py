@@ -19,7 +19,6 @@ Anything else is refused with the list of what was expected; nothing is guessed.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch
 
 from mocov3 import __version__
 from mocov3.config import VIT_SIZES, Config, ConfigError, apply_overrides
-from mocov3.engine.checkpoint import CheckpointError, save_checkpoint
+from mocov3.engine.checkpoint import CheckpointError, load_weights_only, save_checkpoint
 from mocov3.models.moco import build_backbone, build_moco
 from mocov3.models.vit import sincos_position_table
 
@@ -68,14 +67,7 @@ def _load(path: Path) -> dict[str, Any]:
     numbers and strings, so nothing in them needs (or is allowed) to run."""
     if not path.is_file():
         raise CheckpointError(f"{path} not found")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0][:160]
-        raise CheckpointError(f"refused to load {path}: not weights-only ({first})") from None
-    except Exception as error:  # noqa: BLE001
-        # damaged bytes fail in torch's legacy unpickler with any error (IndexError, ...)
-        raise CheckpointError(f"{path} is unreadable or truncated ({error})"[:300]) from None
+    raw = load_weights_only(path)
     if not isinstance(raw, dict):
         raise ReferenceLayoutError(f"{path} holds a {type(raw).__name__}; {EXPECTED}")
     return raw
