@@ -24,6 +24,9 @@ train part only). Afterwards the command checks that no backbone tensor changed.
 from RandomResizedCrop (scale 0.08-1) + horizontal-flip views of the training images, the
 backbone still frozen in eval mode under ``no_grad``. That is one backbone pass over the
 training set per epoch: meant for GPUs, slow on a CPU.
+
+``--features`` picks what the probe reads (:mod:`mocov3.eval.features`): the class token by
+default, as the paper; DINO's ``cls+avgpool`` and ``last4`` for comparison.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from torch import nn
 from mocov3.data.augment import counter_uniform, resized_crop_flip, sample_crop_boxes, sample_keys
 from mocov3.engine.precision import autocast_context
 from mocov3.eval.common import add_data_args, data_overrides, open_checkpoint, snapshot, unchanged
+from mocov3.eval.features import FEATURE_KINDS, ProbeFeatures
 from mocov3.eval.knn import extract_features, standardize
 
 MOMENTUM = 0.9
@@ -353,6 +357,12 @@ def probe_backbone(
 # ----------------------------------------------------------------------------- command
 
 
+def result_file_name(features: str) -> str:
+    """``linear.json`` for the paper's class-token probe; other feature kinds write beside
+    it (``linear-last4.json``, ``linear-cls-avgpool.json``) instead of replacing it."""
+    return "linear.json" if features == "cls" else f"linear-{features.replace('+', '-')}.json"
+
+
 def cmd_linear(args: argparse.Namespace) -> int:
     from mocov3.config import ConfigError
     from mocov3.data.datasets import DatasetError
@@ -378,7 +388,13 @@ def cmd_linear(args: argparse.Namespace) -> int:
 
     run = open_checkpoint(args.checkpoint, [*data_overrides(args), *args.set])
     config = run.config
+    backbone = run.backbone(args.encoder)
+    try:  # refused before any data is read
+        features = ProbeFeatures(backbone, args.features)
+    except ValueError as error:  # e.g. token features asked of a ResNet
+        raise ConfigError(str(error)) from error
     device = resolve_device(args.device or config.train.device)
+    features = features.to(device)
     precision = config.train.precision
     if precision == "fp16" and device.type != "cuda":
         precision = "auto"  # a GPU run's checkpoint evaluated on a CPU
@@ -391,10 +407,9 @@ def cmd_linear(args: argparse.Namespace) -> int:
         test_set = test_set.subset(config.eval.test_subset)
 
     scale = args.batch_size / 256.0  # the linear scaling rule: lr = base lr * batch / 256
-    backbone = run.backbone(args.encoder).to(device)
     try:
         result = probe_backbone(
-            backbone,
+            features,
             train_set,
             test_set,
             [lr * scale for lr in base_lrs],
@@ -423,6 +438,8 @@ def cmd_linear(args: argparse.Namespace) -> int:
         "diverged_lrs": [by_actual[lr] for lr in result["diverged_lrs"]],
         "backbone_unchanged": result["backbone_unchanged"],
         "encoder": args.encoder,
+        "features": args.features,
+        "feature_dim": int(result["probes"].weight.shape[1]),
         "batchnorm": batchnorm,
         "augmented": args.augmented,
         "epochs": args.epochs,
@@ -434,7 +451,14 @@ def cmd_linear(args: argparse.Namespace) -> int:
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     line = json.dumps(summary)
-    (run.run_dir / "linear.json").write_text(line + "\n")
+    (run.run_dir / result_file_name(args.features)).write_text(line + "\n")
+    if len(base_lrs) > 1 and summary["best_lr"] in (min(base_lrs), max(base_lrs)):
+        # the val optimum may lie beyond the sweep: say so rather than report it silently
+        print(
+            f"note: the best lr {summary['best_lr']} is at the edge of the sweep "
+            f"{sorted(base_lrs)}; widen --lrs past it to be sure it is the optimum",
+            file=sys.stderr,
+        )
     print(line)
     if not summary["backbone_unchanged"]:
         print("error: a backbone tensor changed during linear probing", file=sys.stderr)
@@ -453,6 +477,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt or its run directory")
     add_data_args(parser)
     parser.add_argument("--encoder", choices=("query", "momentum"), default="query")
+    parser.add_argument(
+        "--features",
+        choices=FEATURE_KINDS,
+        default="cls",
+        help="what the probe reads: the class token (the paper's probe, default), or, for "
+        "comparison with DINO-style results, the class token + mean patch token "
+        "(cls+avgpool) or the class tokens of the last 4 blocks (last4)",
+    )
     parser.add_argument(
         "--lrs",
         type=float,

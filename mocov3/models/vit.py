@@ -182,13 +182,31 @@ class VisionTransformer(nn.Module):
         self.patch_embed.proj.weight.requires_grad = False
         self.patch_embed.proj.bias.requires_grad = False
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """All tokens after the final LayerNorm, ``[B, 1 + num_patches, D]``."""
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The tokens the first block reads: class token and patches, position added."""
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        return self.norm(self.blocks(x))
+        return x
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens after the final LayerNorm, ``[B, 1 + num_patches, D]``."""
+        return self.norm(self.blocks(self.embed_tokens(x)))
+
+    def last_blocks_tokens(self, x: torch.Tensor, count: int) -> list[torch.Tensor]:
+        """The tokens after each of the last ``count`` blocks, each through the final
+        LayerNorm (DINO's ``get_intermediate_layers``), oldest first; the last one equals
+        :meth:`forward_tokens`."""
+        if not 1 <= count <= len(self.blocks):
+            raise ValueError(f"the ViT has {len(self.blocks)} blocks, cannot take the last {count}")
+        x = self.embed_tokens(x)
+        outputs = []
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if index >= len(self.blocks) - count:
+                outputs.append(self.norm(x))
+        return outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(x)[:, 0]

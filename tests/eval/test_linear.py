@@ -139,6 +139,17 @@ def test_cli_probes_tiny_run_and_leaves_backbone_unchanged(tiny_run, capsys):
     assert other["backbone_unchanged"] is True
 
 
+def test_cli_says_when_the_best_lr_is_at_the_edge_of_the_sweep(tiny_run, capsys):
+    argv = ["linear", "--checkpoint", str(tiny_run), "--epochs", "1", "--features", "cls",
+            "--set", "eval.test_subset=200"]
+    assert main([*argv, "--lrs", "0.1", "1"]) == 0  # of two lrs, the best is always an edge
+    captured = capsys.readouterr()
+    best = json.loads(captured.out.strip().splitlines()[-1])["best_lr"]
+    assert f"note: the best lr {best} is at the edge of the sweep [0.1, 1.0]" in captured.err
+    assert main([*argv, "--lrs", "0.3"]) == 0  # a single lr is no sweep: nothing to say
+    assert "edge" not in capsys.readouterr().err
+
+
 def test_cli_rejects_val_fraction_zero_with_a_sweep(capsys):
     assert main(["linear", "--checkpoint", "nowhere.pt", "--val-fraction", "0"]) == 2
     assert "val-fraction" in capsys.readouterr().err

@@ -1,0 +1,58 @@
+"""Which features of a frozen backbone a linear probe reads.
+
+The MoCo v3 paper probes the ViT's class token after the final LayerNorm (``cls``, the
+default, and the only choice for a ResNet, whose pooled output plays that part). Two other
+protocols of the literature read more of the same frozen network, and are offered for
+comparison with results reported that way:
+
+- ``cls+avgpool``: the class token concatenated with the mean of the patch tokens, both
+  after the final LayerNorm (DINO's linear probe for ViT-B, Caron et al. 2021, Sec. 4.1 and
+  its ``eval_linear.py``; ``[B, 2D]``);
+- ``last4``: the class tokens of the last four blocks, each through the final LayerNorm,
+  concatenated (DINO's linear probe for ViT-S; ``[B, 4D]``).
+
+The probe stays linear and the backbone frozen either way; only the feature vector grows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mocov3.models.vit import VisionTransformer
+
+FEATURE_KINDS = ("cls", "cls+avgpool", "last4")
+LAST_BLOCKS = 4  # DINO's n_last_blocks for ViT-S
+
+
+class ProbeFeatures(nn.Module):
+    """A frozen backbone whose ``forward`` returns the features ``kind`` names (see the
+    module docstring). Holds no parameters of its own: its ``state_dict`` is the backbone's
+    under ``backbone.``, so a snapshot of it proves the backbone unchanged."""
+
+    def __init__(self, backbone: nn.Module, kind: str = "cls") -> None:
+        super().__init__()
+        if kind not in FEATURE_KINDS:
+            raise ValueError(f"features must be one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
+        if kind != "cls" and not isinstance(backbone, VisionTransformer):
+            raise ValueError(
+                f"features '{kind}' read ViT tokens; this backbone is a "
+                f"{type(backbone).__name__}: use features 'cls'"
+            )
+        if kind == "last4" and len(backbone.blocks) < LAST_BLOCKS:
+            raise ValueError(
+                f"features 'last4' need a ViT of at least {LAST_BLOCKS} blocks, this one has "
+                f"{len(backbone.blocks)}: use 'cls' or 'cls+avgpool'"
+            )
+        self.backbone = backbone
+        self.kind = kind
+        self.train(backbone.training)  # a frozen (eval-mode) backbone stays in eval mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "cls":
+            return self.backbone(x)
+        if self.kind == "cls+avgpool":
+            tokens = self.backbone.forward_tokens(x)
+            return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=-1)
+        blocks = self.backbone.last_blocks_tokens(x, LAST_BLOCKS)
+        return torch.cat([tokens[:, 0] for tokens in blocks], dim=-1)
