@@ -12,7 +12,7 @@ A study file names a base preset, settings shared by every run, and either a ``g
     grid:
       model.freeze_patch_embed: [true, false]
       optim.base_lr: [1.0e-3, 3.0e-3, 1.0e-2]
-    linear: {epochs: 30, train_subset: 10000, test_subset: 5000}   # or false
+    linear: {epochs: 30, train_subset: 10000, test_subset: 5000}   # or false; features: last4
     paper: what the paper reports, quoted in the report
 
 Each run lives in ``DIR/runs/NAME``. The study is resumable: a run whose pretraining and
@@ -30,17 +30,21 @@ import json
 import re
 import shlex
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mocov3.config import ConfigError, load_config
+from mocov3.config import Config, ConfigError, is_resnet_arch, load_config, resolve_model_dims
 
 STUDY_KEYS = ("title", "question", "budget", "base", "set", "grid", "runs", "linear", "paper")
-LINEAR_DEFAULTS = {"epochs": 30, "train_subset": 10000, "test_subset": 5000}
+LINEAR_DEFAULTS: dict[str, Any] = {
+    "epochs": 30,
+    "train_subset": 10000,
+    "test_subset": 5000,
+    "features": "cls",
+}
 
 
 @dataclass
@@ -59,7 +63,7 @@ class Study:
     base: Path | None
     runs: list[StudyRun]
     varied: list[str]
-    linear: dict[str, int] | None
+    linear: dict[str, Any] | None
     text: dict[str, str] = field(default_factory=dict)  # question, budget, paper
 
 
@@ -140,11 +144,14 @@ def load_study(path: str | Path, extra: list[str] | tuple[str, ...] = ()) -> Stu
     else:
         named = _explicit_runs(spec["runs"], path)
     varied = list(dict.fromkeys(key for _, values in named for key in values))
+    linear = _linear_settings(spec.get("linear", True), path)
     runs = []
     for name, values in named:
         overrides = [*common, *(_override(k, v) for k, v in values.items()), *extra]
         try:
-            load_config(base, overrides)
+            config = load_config(base, overrides)
+            if linear is not None:
+                _check_probe_features(config, linear["features"])
         except ConfigError as error:
             raise ConfigError(f"study {path}, run {name or run_name(values)}: {error}") from None
         runs.append(StudyRun(name or run_name(values), values, overrides))
@@ -157,14 +164,16 @@ def load_study(path: str | Path, extra: list[str] | tuple[str, ...] = ()) -> Stu
         base=base,
         runs=runs,
         varied=varied,
-        linear=_linear_settings(spec.get("linear", True), path),
+        linear=linear,
         text={k: str(spec[k]).strip() for k in ("question", "budget", "paper") if spec.get(k)},
     )
 
 
-def _linear_settings(value: Any, path: Path) -> dict[str, int] | None:
+def _linear_settings(value: Any, path: Path) -> dict[str, Any] | None:
     if value is False or value is None:
         return None
+    from mocov3.eval.features import FEATURE_KINDS  # imports torch: only when a probe is asked
+
     settings = dict(LINEAR_DEFAULTS)
     if isinstance(value, dict):
         unknown = sorted(set(value) - set(LINEAR_DEFAULTS))
@@ -176,9 +185,39 @@ def _linear_settings(value: Any, path: Path) -> dict[str, int] | None:
         settings.update(value)
     elif value is not True:
         raise ConfigError(f"study {path}: 'linear' must be true, false or a mapping")
-    if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in settings.values()):
+    counts = [settings[k] for k in ("epochs", "train_subset", "test_subset")]
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in counts):
         raise ConfigError(f"study {path}: linear epochs and subsets must be positive integers")
+    if settings["features"] not in FEATURE_KINDS:
+        raise ConfigError(
+            f"study {path}: linear features must be one of {', '.join(FEATURE_KINDS)}, "
+            f"got {settings['features']!r}"
+        )
     return settings
+
+
+def _check_probe_features(config: Config, features: str) -> None:
+    """Refuse, before any run trains, probe features this run's backbone cannot give (the
+    checks :class:`mocov3.eval.features.ProbeFeatures` makes, from the config alone)."""
+    if features == "cls":
+        return
+    if is_resnet_arch(config.model.arch):
+        raise ConfigError(f"linear features '{features}' read ViT tokens: use 'cls' for a ResNet")
+    depth = resolve_model_dims(config.model)[1]
+    if features == "last4" and depth < 4:
+        raise ConfigError(
+            f"linear features 'last4' need a ViT of at least 4 blocks, this one has {depth}: "
+            "use 'cls' or 'cls+avgpool'"
+        )
+
+
+def linear_file(settings: dict[str, Any]) -> str:
+    """The run's probe result: ``linear.json`` for the class token, as ``mocov3 linear``
+    names it (``linear-last4.json``... for other features), so that a study whose probe
+    features change probes again rather than reusing a result of other features."""
+    from mocov3.eval.linear import result_file_name
+
+    return result_file_name(settings["features"])
 
 
 # --------------------------------------------------------------------------- running
@@ -213,48 +252,22 @@ def pretrain_done(run_dir: Path) -> bool:
     return summary is not None and not summary.get("preempted")
 
 
-def linear_probe_run(run_dir: Path, settings: dict[str, int]) -> dict[str, Any]:
-    """The study's linear probe (BN probe, lr swept on a held-out tenth, as ``mocov3
-    linear``) on the first ``train_subset`` / ``test_subset`` images; writes linear.json."""
-    from mocov3.engine.train import load_data, resolve_device
+def linear_probe_run(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The study's linear probe: ``mocov3 linear``'s (:func:`mocov3.eval.linear.probe_run`,
+    BN probe, lr swept on a held-out tenth) at batch 256 for ``epochs``, on the first
+    ``train_subset`` / ``test_subset`` images, reading ``features``; writes
+    :func:`linear_file`."""
     from mocov3.eval.common import open_checkpoint
-    from mocov3.eval.linear import DEFAULT_LRS_BN, probe_backbone
+    from mocov3.eval.linear import ProbeSettings, probe_run
 
-    started = time.perf_counter()
     subsets = [
         f"data.subset={settings['train_subset']}",
         f"eval.test_subset={settings['test_subset']}",
     ]
     loaded = open_checkpoint(run_dir / "checkpoint.pt", subsets)
-    config = loaded.config
-    device = resolve_device(config.train.device)
-    train_set, test_set = load_data(config)
-    if train_set.labels is None or test_set is None:
-        raise ConfigError(f"data '{config.data.name}' has no labels: set 'linear: false'")
-    test_set = test_set.subset(settings["test_subset"])
-    batch = 256
-    result = probe_backbone(
-        loaded.backbone().to(device),
-        train_set,
-        test_set,
-        [lr * batch / 256 for lr in DEFAULT_LRS_BN],
-        device,
-        precision=config.train.precision,
-        epochs=settings["epochs"],
-        batch_size=batch,
-        seed=config.train.seed,
-        num_classes=max(len(train_set.classes), int(train_set.labels.max()) + 1),
-    )
-    summary = {
-        "linear_top1": round(result["linear_top1"], 2),
-        "best_lr": result["best_lr"],
-        "epochs": settings["epochs"],
-        "train_images": result["train_samples"],
-        "test_images": len(test_set),
-        "backbone_unchanged": result["backbone_unchanged"],
-        "wall_seconds": round(time.perf_counter() - started, 1),
-    }
-    (run_dir / "linear.json").write_text(json.dumps(summary) + "\n")
+    probe = ProbeSettings(epochs=settings["epochs"], batch_size=256, features=settings["features"])
+    summary = probe_run(loaded, probe)
+    (run_dir / linear_file(settings)).write_text(json.dumps(summary) + "\n")
     return summary
 
 
@@ -271,7 +284,7 @@ def run_study(study: Study, out_dir: Path, command: str, shard: tuple[int, int] 
         config = load_config(study.base, run.overrides)
         _claim(run_dir, config.to_dict())
         done = pretrain_done(run_dir)
-        probed = study.linear is None or (run_dir / "linear.json").is_file()
+        probed = study.linear is None or (run_dir / linear_file(study.linear)).is_file()
         failure = _read_json(run_dir / "failed.json")
         status = "failed before" if failure else "done" if done and probed else "running"
         print(f"[{index}/{len(study.runs)}] {run.name}: {status}", file=sys.stderr, flush=True)
@@ -302,9 +315,9 @@ def run_study(study: Study, out_dir: Path, command: str, shard: tuple[int, int] 
 # --------------------------------------------------------------------------- report
 
 
-def result_row(run: StudyRun, run_dir: Path) -> dict[str, Any]:
+def result_row(run: StudyRun, run_dir: Path, linear_name: str = "linear.json") -> dict[str, Any]:
     summary = _read_json(run_dir / "summary.json") or {}
-    linear = _read_json(run_dir / "linear.json") or {}
+    linear = _read_json(run_dir / linear_name) or {}
     events = summary.get("instability_events", {})
     pretraining = summary.get("run_wall_seconds", summary.get("wall_seconds", 0.0))
     wall = pretraining + linear.get("wall_seconds", 0.0)
@@ -368,7 +381,8 @@ def write_report(study: Study, out_dir: Path, command: str) -> Path:
         for run in study.runs
         if pretrain_done(out_dir / "runs" / run.name)
     ]
-    rows = [result_row(run, run_dir) for run, run_dir in finished]
+    linear_name = linear_file(study.linear) if study.linear else "linear.json"
+    rows = [result_row(run, run_dir, linear_name) for run, run_dir in finished]
     failed = {
         run.name: failure["error"]
         for run in study.runs
@@ -415,11 +429,13 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
-def _linear_text(settings: dict[str, int] | None) -> str:
+def _linear_text(settings: dict[str, Any] | None) -> str:
     if settings is None:
         return "none"
+    features = "" if settings["features"] == "cls" else f" on {settings['features']} features"
     return (
-        f"BN + linear classifier, {settings['epochs']} epochs, lr chosen on a held-out tenth of "
+        f"BN + linear classifier{features}, {settings['epochs']} epochs, lr chosen on a "
+        f"held-out tenth of "
         f"the first {settings['train_subset']} training images, tested on the first "
         f"{settings['test_subset']} test images"
     )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from mocov3.cli import main
 from mocov3.config import ConfigError
-from mocov3.study import load_study, run_name
+from mocov3.study import linear_probe_run, load_study, run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,6 +130,7 @@ def test_a_changed_study_refuses_to_reuse_a_run_directory(tmp_path, capsys):
         ("runs: [{name: a}, {name: a}]\n", "share a name"),
         ("base: missing.yaml\nruns: [{}]\n", "not found"),
         ("grid: {optim.base_lr: [1]}\nlinear: {epochs: 0}\n", "positive integers"),
+        ("grid: {optim.base_lr: [1]}\nlinear: {features: last5}\n", "features must be one of"),
     ],
 )
 def test_bad_study_files_are_one_line_errors(tmp_path, text, message):
@@ -155,3 +157,48 @@ def test_run_names_and_the_shipped_studies():
     for path in shipped:  # every run's config builds; each file states its budget
         study = load_study(path)
         assert study.text.get("budget") and study.text.get("paper") and study.runs
+
+
+def test_the_study_probe_is_mocov3_linear_reading_the_features_asked(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_run / "checkpoint.pt", run / "checkpoint.pt")
+    settings = {"epochs": 2, "train_subset": 512, "test_subset": 200, "features": "cls+avgpool"}
+    summary = linear_probe_run(run, settings)
+    assert summary["features"] == "cls+avgpool" and summary["feature_dim"] == 128  # 2 x dim 64
+    assert summary["train_images"] + summary["val_images"] == 512
+    assert summary["test_images"] == 200 and summary["batch_size"] == 256
+    assert summary["backbone_unchanged"] is True
+    # written where `mocov3 linear --features cls+avgpool` writes, never over linear.json
+    assert json.loads((run / "linear-cls-avgpool.json").read_text()) == summary
+    assert not (run / "linear.json").exists()
+
+    # the same probe through the command gives the same numbers
+    argv = [
+        "linear",
+        "--checkpoint",
+        str(run),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "256",
+        "--features",
+        "cls+avgpool",
+        "--set",
+        "data.subset=512",
+        "--set",
+        "eval.test_subset=200",
+    ]
+    assert main(argv) == 0
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("linear_top1", "best_lr", "val_top1_per_lr", "train_images", "feature_dim"):
+        assert cli[key] == summary[key], key
+
+
+def test_probe_features_the_backbone_cannot_give_are_refused_before_any_run(tmp_path):
+    text = TINY_STUDY.replace("test_subset: 100}", "test_subset: 100, features: last4}")
+    with pytest.raises(ConfigError, match="at least 4 blocks, this one has 2") as error:
+        load_study(write(tmp_path, text))  # configs/tiny.yaml's ViT has 2 blocks
+    assert "\n" not in str(error.value)
+    text = text.replace("features: last4", "features: cls+avgpool")
+    assert load_study(write(tmp_path, text)).linear["features"] == "cls+avgpool"

@@ -27,6 +27,9 @@ training set per epoch: meant for GPUs, slow on a CPU.
 
 ``--features`` picks what the probe reads (:mod:`mocov3.eval.features`): the class token by
 default, as the paper; DINO's ``cls+avgpool`` and ``last4`` for comparison.
+
+:func:`probe_run` is the whole probe of an opened checkpoint, given :class:`ProbeSettings`:
+``mocov3 linear`` and ``mocov3 study`` (its ``linear:`` block) both call it.
 """
 
 from __future__ import annotations
@@ -46,7 +49,14 @@ from torch import nn
 
 from mocov3.data.augment import counter_uniform, resized_crop_flip, sample_crop_boxes, sample_keys
 from mocov3.engine.precision import autocast_context
-from mocov3.eval.common import add_data_args, data_overrides, open_checkpoint, snapshot, unchanged
+from mocov3.eval.common import (
+    LoadedRun,
+    add_data_args,
+    data_overrides,
+    open_checkpoint,
+    snapshot,
+    unchanged,
+)
 from mocov3.eval.features import FEATURE_KINDS, ProbeFeatures
 from mocov3.eval.knn import extract_features, standardize
 
@@ -363,37 +373,62 @@ def result_file_name(features: str) -> str:
     return "linear.json" if features == "cls" else f"linear-{features.replace('+', '-')}.json"
 
 
-def cmd_linear(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How :func:`probe_run` probes a checkpoint: the ``mocov3 linear`` options (its
+    defaults are the paper's recipe, with the BatchNorm) and the ``linear:`` block of a
+    study (:mod:`mocov3.study`) both become one of these."""
+
+    base_lrs: tuple[float, ...] = DEFAULT_LRS_BN  # each scaled by batch_size / 256
+    epochs: int = 90
+    batch_size: int = 1024
+    weight_decay: float = 0.0
+    val_fraction: float = 0.1
+    batchnorm: bool = True
+    augmented: bool = False
+    features: str = "cls"
+    encoder: str = "query"
+    device: str | None = None  # None: the run's train.device
+
+    def check(self) -> None:
+        """Raise ConfigError, in one line naming the option, for a value that cannot work."""
+        from mocov3.config import ConfigError
+
+        lrs = self.base_lrs
+        if not lrs or any(not math.isfinite(lr) or lr <= 0 for lr in lrs):
+            raise ConfigError(f"--lrs must be positive, got {list(lrs)}")
+        if len(set(lrs)) != len(lrs):
+            raise ConfigError(f"--lrs has repeated values: {list(lrs)}")
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ConfigError(f"--batch-size must be >= 2, got {self.batch_size}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.val_fraction < 1.0 or (self.val_fraction == 0 and len(lrs) > 1):
+            raise ConfigError(
+                f"--val-fraction must be in (0, 1) (0 only with a single lr), got "
+                f"{self.val_fraction}"
+            )
+
+
+def probe_run(run: LoadedRun, settings: ProbeSettings) -> dict[str, Any]:
+    """Linear-probe the backbone of an opened checkpoint on its own data (``run.config``,
+    overrides applied; ``eval.test_subset`` honoured) and return the summary that ``mocov3
+    linear`` writes: test top-1 of the classifier chosen on the held-out part, the chosen
+    *base* lr, every lr's val top-1, and whether the backbone stayed unchanged."""
     from mocov3.config import ConfigError
     from mocov3.data.datasets import DatasetError
     from mocov3.engine.train import load_data, resolve_device
 
     started = time.perf_counter()
-    batchnorm = not args.no_batchnorm
-    base_lrs = tuple(args.lrs) if args.lrs else (DEFAULT_LRS_BN if batchnorm else DEFAULT_LRS_NO_BN)
-    if any(not math.isfinite(lr) or lr <= 0 for lr in base_lrs):
-        raise ConfigError(f"--lrs must be positive, got {list(base_lrs)}")
-    if len(set(base_lrs)) != len(base_lrs):
-        raise ConfigError(f"--lrs has repeated values: {list(base_lrs)}")
-    if args.epochs < 1:
-        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
-    if args.batch_size < 2:
-        raise ConfigError(f"--batch-size must be >= 2, got {args.batch_size}")
-    if args.weight_decay < 0:
-        raise ConfigError(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if not 0.0 <= args.val_fraction < 1.0 or (args.val_fraction == 0 and len(base_lrs) > 1):
-        raise ConfigError(
-            f"--val-fraction must be in (0, 1) (0 only with a single lr), got {args.val_fraction}"
-        )
-
-    run = open_checkpoint(args.checkpoint, [*data_overrides(args), *args.set])
+    settings.check()
     config = run.config
-    backbone = run.backbone(args.encoder)
     try:  # refused before any data is read
-        features = ProbeFeatures(backbone, args.features)
+        features = ProbeFeatures(run.backbone(settings.encoder), settings.features)
     except ValueError as error:  # e.g. token features asked of a ResNet
         raise ConfigError(str(error)) from error
-    device = resolve_device(args.device or config.train.device)
+    device = resolve_device(settings.device or config.train.device)
     features = features.to(device)
     precision = config.train.precision
     if precision == "fp16" and device.type != "cuda":
@@ -406,29 +441,29 @@ def cmd_linear(args: argparse.Namespace) -> int:
     if config.eval.test_subset:
         test_set = test_set.subset(config.eval.test_subset)
 
-    scale = args.batch_size / 256.0  # the linear scaling rule: lr = base lr * batch / 256
+    scale = settings.batch_size / 256.0  # the linear scaling rule: lr = base lr * batch / 256
+    by_actual = {lr * scale: lr for lr in settings.base_lrs}
     try:
         result = probe_backbone(
             features,
             train_set,
             test_set,
-            [lr * scale for lr in base_lrs],
+            list(by_actual),
             device,
             precision=precision,
             feature_batch_size=config.eval.batch_size,
-            augmented=args.augmented,
-            val_fraction=args.val_fraction,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            weight_decay=args.weight_decay,
-            batchnorm=batchnorm,
+            augmented=settings.augmented,
+            val_fraction=settings.val_fraction,
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            weight_decay=settings.weight_decay,
+            batchnorm=settings.batchnorm,
             seed=config.train.seed,
             num_classes=max(len(train_set.classes), int(train_set.labels.max()) + 1),
         )
     except ValueError as error:  # e.g. too few samples for the val split
         raise ConfigError(str(error)) from error
-    by_actual = dict(zip([lr * scale for lr in base_lrs], base_lrs, strict=True))
-    summary = {
+    return {
         "linear_top1": round(result["linear_top1"], 2),
         "best_lr": by_actual[result["best_lr"]],
         "lr_scale": scale,
@@ -437,26 +472,47 @@ def cmd_linear(args: argparse.Namespace) -> int:
         },
         "diverged_lrs": [by_actual[lr] for lr in result["diverged_lrs"]],
         "backbone_unchanged": result["backbone_unchanged"],
-        "encoder": args.encoder,
-        "features": args.features,
+        "encoder": settings.encoder,
+        "features": settings.features,
         "feature_dim": int(result["probes"].weight.shape[1]),
-        "batchnorm": batchnorm,
-        "augmented": args.augmented,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "weight_decay": args.weight_decay,
+        "batchnorm": settings.batchnorm,
+        "augmented": settings.augmented,
+        "epochs": settings.epochs,
+        "batch_size": settings.batch_size,
+        "weight_decay": settings.weight_decay,
         "train_images": result["train_samples"],
         "val_images": result["val_samples"],
         "test_images": len(test_set),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def cmd_linear(args: argparse.Namespace) -> int:
+    batchnorm = not args.no_batchnorm
+    default_lrs = DEFAULT_LRS_BN if batchnorm else DEFAULT_LRS_NO_BN
+    settings = ProbeSettings(
+        base_lrs=tuple(args.lrs) if args.lrs else default_lrs,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        weight_decay=args.weight_decay,
+        val_fraction=args.val_fraction,
+        batchnorm=batchnorm,
+        augmented=args.augmented,
+        features=args.features,
+        encoder=args.encoder,
+        device=args.device,
+    )
+    settings.check()  # before the checkpoint is read
+    run = open_checkpoint(args.checkpoint, [*data_overrides(args), *args.set])
+    summary = probe_run(run, settings)
     line = json.dumps(summary)
-    (run.run_dir / result_file_name(args.features)).write_text(line + "\n")
-    if len(base_lrs) > 1 and summary["best_lr"] in (min(base_lrs), max(base_lrs)):
+    (run.run_dir / result_file_name(settings.features)).write_text(line + "\n")
+    lrs = settings.base_lrs
+    if len(lrs) > 1 and summary["best_lr"] in (min(lrs), max(lrs)):
         # the val optimum may lie beyond the sweep: say so rather than report it silently
         print(
             f"note: the best lr {summary['best_lr']} is at the edge of the sweep "
-            f"{sorted(base_lrs)}; widen --lrs past it to be sure it is the optimum",
+            f"{sorted(lrs)}; widen --lrs past it to be sure it is the optimum",
             file=sys.stderr,
         )
     print(line)
