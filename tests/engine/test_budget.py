@@ -41,10 +41,10 @@ def test_plan_steps_matches_a_hand_computation():
     assert not plan.out_of_time(60 - 0.75 - 20 - FIXED_RESERVE_SECONDS - 0.01)
     assert plan.out_of_time(60 - 0.75 - 20 - FIXED_RESERVE_SECONDS)
     assert BudgetPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
-    # re-planned at 5%, 30% and 60% of the steps, each at least 20 steps after the last
+    # re-planned at 5%, 30%, 60% and 85% of the steps, each at least 20 steps after the last
     assert replan_step(1419) == 71 and replan_step(100) == 20 and replan_step(39) is None
     assert replan_step(1000, 1, 50) == 300 and replan_step(1000, 2, 300) == 600
-    assert replan_step(1000, 3, 600) is None  # three at most
+    assert replan_step(1000, 3, 600) == 850 and replan_step(1000, 4, 850) is None  # four
     assert replan_step(100, 1, 20) == 40 and replan_step(50, 2, 40) is None
     # a plan saved before re-plans existed still loads
     new_keys = ("first_steps", "replanned_at_step", "replans")
