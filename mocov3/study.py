@@ -198,17 +198,14 @@ def _linear_settings(value: Any, path: Path) -> dict[str, Any] | None:
 
 def _check_probe_features(config: Config, features: str) -> None:
     """Refuse, before any run trains, probe features this run's backbone cannot give (the
-    checks :class:`mocov3.eval.features.ProbeFeatures` makes, from the config alone)."""
-    if features == "cls":
-        return
-    if is_resnet_arch(config.model.arch):
-        raise ConfigError(f"linear features '{features}' read ViT tokens: use 'cls' for a ResNet")
-    depth = resolve_model_dims(config.model)[1]
-    if features == "last4" and depth < 4:
-        raise ConfigError(
-            f"linear features 'last4' need a ViT of at least 4 blocks, this one has {depth}: "
-            "use 'cls' or 'cls+avgpool'"
-        )
+    refusal :class:`mocov3.eval.features.ProbeFeatures` would make, from the config alone)."""
+    from mocov3.eval.features import kind_refusal
+
+    arch = config.model.arch
+    depth = None if is_resnet_arch(arch) else resolve_model_dims(config.model)[1]
+    refusal = kind_refusal(features, arch, depth)
+    if refusal:
+        raise ConfigError(f"linear {refusal}")
 
 
 def linear_file(settings: dict[str, Any]) -> str:

@@ -25,6 +25,26 @@ FEATURE_KINDS = ("cls", "cls+avgpool", "last4")
 LAST_BLOCKS = 4  # DINO's n_last_blocks for ViT-S
 
 
+def kind_refusal(kind: str, backbone_name: str, vit_depth: int | None) -> str | None:
+    """Why features ``kind`` cannot be read from a backbone (``vit_depth``: its blocks, None
+    for a non-ViT such as a ResNet), or None when they can. One source for the refusal made
+    with a built backbone (:class:`ProbeFeatures`) and from a config alone (``mocov3 study``
+    checks every run before the first trains)."""
+    if kind not in FEATURE_KINDS:
+        return f"features must be one of {', '.join(FEATURE_KINDS)}, got {kind!r}"
+    if kind != "cls" and vit_depth is None:
+        return (
+            f"features '{kind}' read ViT tokens; this backbone is a {backbone_name}: "
+            "use features 'cls'"
+        )
+    if kind == "last4" and vit_depth is not None and vit_depth < LAST_BLOCKS:
+        return (
+            f"features 'last4' need a ViT of at least {LAST_BLOCKS} blocks, this one has "
+            f"{vit_depth}: use 'cls' or 'cls+avgpool'"
+        )
+    return None
+
+
 class ProbeFeatures(nn.Module):
     """A frozen backbone whose ``forward`` returns the features ``kind`` names (see the
     module docstring). Holds no parameters of its own: its ``state_dict`` is the backbone's
@@ -32,18 +52,10 @@ class ProbeFeatures(nn.Module):
 
     def __init__(self, backbone: nn.Module, kind: str = "cls") -> None:
         super().__init__()
-        if kind not in FEATURE_KINDS:
-            raise ValueError(f"features must be one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
-        if kind != "cls" and not isinstance(backbone, VisionTransformer):
-            raise ValueError(
-                f"features '{kind}' read ViT tokens; this backbone is a "
-                f"{type(backbone).__name__}: use features 'cls'"
-            )
-        if kind == "last4" and len(backbone.blocks) < LAST_BLOCKS:
-            raise ValueError(
-                f"features 'last4' need a ViT of at least {LAST_BLOCKS} blocks, this one has "
-                f"{len(backbone.blocks)}: use 'cls' or 'cls+avgpool'"
-            )
+        depth = len(backbone.blocks) if isinstance(backbone, VisionTransformer) else None
+        refusal = kind_refusal(kind, type(backbone).__name__, depth)
+        if refusal:
+            raise ValueError(refusal)
         self.backbone = backbone
         self.kind = kind
         self.train(backbone.training)  # a frozen (eval-mode) backbone stays in eval mode
