@@ -147,6 +147,7 @@ def test_run_names_and_the_shipped_studies():
     shipped = sorted((ROOT / "studies").glob("*.yaml"))
     assert [p.stem for p in shipped] == [
         "batch_size",
+        "hour_backbone",
         "hour_search",
         "momentum",
         "patch_projection",
