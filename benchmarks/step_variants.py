@@ -7,8 +7,9 @@ Usage:
 Each variant is the preset with its overrides (none: the preset itself). Every variant
 builds a real Trainer on the preset's data and times full training steps (batched
 augmentation, both encoders, EMA, backward, AdamW) after two untimed ones; the variants run
-one after another in the same process, so the ratios between them are what to read, not
-the absolute numbers (this 2-core machine's speed wanders by about 15%). This is how the
+one after another in the same process, so the ratios between them (images per second, so
+that variants with another batch size compare too) are what to read, not the absolute
+numbers (this 2-core machine's speed wanders by about 15%). This is how the
 demo's model was picked at a fixed CPU budget (README, "Results").
 """
 
@@ -59,18 +60,20 @@ def main() -> None:
     variants = DEFAULT_VARIANTS
     if args.variant:
         variants = {name: list(sets) for name, *sets in args.variant}
-    batch = load_config(args.config).train.batch_size
     rows = {}
     for name, overrides in variants.items():
+        # per variant: a variant may change the batch size, and speed is images per second
+        batch = load_config(args.config, overrides).train.batch_size
         seconds = step_seconds(args.config, overrides, args.steps)
         rows[name] = {
+            "batch_size": batch,
             "step_seconds": round(seconds, 4),
             "images_per_second": round(batch / seconds),
         }
         print(f"{name:32s} {seconds:.3f} s/step  {batch / seconds:6.0f} img/s", flush=True)
-    first = next(iter(rows.values()))["step_seconds"]
+    first = next(iter(rows.values()))["images_per_second"]
     for row in rows.values():
-        row["speed_vs_first"] = round(first / row["step_seconds"], 2)
+        row["speed_vs_first"] = round(row["images_per_second"] / first, 2)
     print(json.dumps(rows))
 
 
