@@ -59,21 +59,26 @@ def main() -> None:
     args = parser.parse_args()
     variants = DEFAULT_VARIANTS
     if args.variant:
+        names = [name for name, *_ in args.variant]
+        if len(set(names)) < len(names):
+            parser.error(f"variant names must differ (they key the results): {names}")
         variants = {name: list(sets) for name, *sets in args.variant}
-    rows = {}
+    rows: dict[str, dict] = {}
+    speeds: dict[str, float] = {}  # images per second, unrounded
     for name, overrides in variants.items():
         # per variant: a variant may change the batch size, and speed is images per second
         batch = load_config(args.config, overrides).train.batch_size
         seconds = step_seconds(args.config, overrides, args.steps)
+        speeds[name] = batch / seconds
         rows[name] = {
             "batch_size": batch,
             "step_seconds": round(seconds, 4),
-            "images_per_second": round(batch / seconds),
+            "images_per_second": round(speeds[name]),
         }
-        print(f"{name:32s} {seconds:.3f} s/step  {batch / seconds:6.0f} img/s", flush=True)
-    first = next(iter(rows.values()))["images_per_second"]
-    for row in rows.values():
-        row["speed_vs_first"] = round(row["images_per_second"] / first, 2)
+        print(f"{name:32s} {seconds:.3f} s/step  {speeds[name]:6.0f} img/s", flush=True)
+    first = next(iter(speeds.values()))
+    for name, row in rows.items():
+        row["speed_vs_first"] = round(speeds[name] / first, 2)
     print(json.dumps(rows))
 
 
