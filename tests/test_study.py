@@ -148,6 +148,7 @@ def test_run_names_and_the_shipped_studies():
     assert [p.stem for p in shipped] == [
         "batch_size",
         "hour_backbone",
+        "hour_lr",
         "hour_search",
         "momentum",
         "patch_projection",
