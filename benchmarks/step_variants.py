@@ -34,7 +34,8 @@ DEFAULT_VARIANTS = {
 TIMING = ["train.budget_minutes=null", "eval.knn_init=false", "eval.monitor_every=0"]
 
 
-def step_seconds(config_path: str, overrides: list[str], steps: int) -> float:
+def step_seconds(config_path: str, overrides: list[str], steps: int) -> tuple[float, int]:
+    """(seconds per training step, the batch size it ran) for the preset with overrides."""
     config = load_config(config_path, [*overrides, *TIMING, "data.subset=8192"])
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(config, out, overwrite=True)
@@ -46,7 +47,7 @@ def step_seconds(config_path: str, overrides: list[str], steps: int) -> float:
             tic = time.perf_counter()
             for step in range(2, steps + 2):
                 trainer.train_step(step)
-            return (time.perf_counter() - tic) / steps
+            return (time.perf_counter() - tic) / steps, config.train.batch_size
         finally:
             trainer.close()
 
@@ -67,8 +68,7 @@ def main() -> None:
     speeds: dict[str, float] = {}  # images per second, unrounded
     for name, overrides in variants.items():
         # per variant: a variant may change the batch size, and speed is images per second
-        batch = load_config(args.config, overrides).train.batch_size
-        seconds = step_seconds(args.config, overrides, args.steps)
+        seconds, batch = step_seconds(args.config, overrides, args.steps)
         speeds[name] = batch / seconds
         rows[name] = {
             "batch_size": batch,
