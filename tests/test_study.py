@@ -148,6 +148,8 @@ def test_run_names_and_the_shipped_studies():
     assert [p.stem for p in shipped] == [
         "batch_size",
         "hour_backbone",
+        "hour_heads",
+        "hour_heads2",
         "hour_lr",
         "hour_search",
         "momentum",
