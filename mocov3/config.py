@@ -45,6 +45,9 @@ class ModelConfig:
     patch_size: int = 16
     mlp_ratio: float = 4.0
     pos_embed: str = "sincos"  # sincos | learned | none  (paper Table 6: sin-cos best)
+    # layernorm | batchnorm: the norm before each block's MLP; batchnorm is the paper's
+    # ViT-BN (about +1 linear point there), and needs moco.concat_views false
+    mlp_norm: str = "layernorm"
     freeze_patch_embed: bool = True  # the paper's stability trick (Sec. 5)
     drop_path_rate: float = 0.0
     proj_hidden_dim: int = 4096
@@ -426,6 +429,10 @@ def _validate_resnet(config: Config) -> None:
         f"model.freeze_patch_embed must be false for {m.arch} (it has no patch projection)",
     )
     _require(m.drop_path_rate == 0.0, f"model.drop_path_rate must be 0 for {m.arch}")
+    _require(
+        m.mlp_norm == "layernorm",
+        f"model.mlp_norm is a ViT option ({m.arch} has BatchNorm throughout); remove it",
+    )
 
 
 def validate(config: Config) -> None:
@@ -461,6 +468,10 @@ def validate(config: Config) -> None:
         f"model.embed_dim {embed_dim} must be divisible by 4 for the sin-cos position table",
     )
     _require(m.patch_size > 0, "model.patch_size must be positive")
+    _require(
+        m.mlp_norm in ("layernorm", "batchnorm"),
+        f"model.mlp_norm '{m.mlp_norm}' must be layernorm or batchnorm (the paper's ViT-BN)",
+    )
     if is_resnet_arch(m.arch):
         _validate_resnet(config)
     else:
@@ -470,6 +481,11 @@ def validate(config: Config) -> None:
             f"{m.patch_size} (e.g. patch 4 or 7 for 28 px, 4 for 32 px, 16 for 224 px)",
         )
         _require(not m.small_stem, "model.small_stem is a ResNet option; remove it for a ViT")
+        _require(
+            m.mlp_norm != "batchnorm" or not config.moco.concat_views,
+            "moco.concat_views must be false with model.mlp_norm batchnorm: one call on both "
+            "views would mix their BatchNorm statistics (the paper encodes each view separately)",
+        )
     _require(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate must be in [0, 1)")
     _require(m.proj_layers >= 1 and m.pred_layers >= 0, "model.proj_layers >= 1, pred_layers >= 0")
     _require(min(m.proj_hidden_dim, m.pred_hidden_dim, m.out_dim) > 0, "head widths must be > 0")

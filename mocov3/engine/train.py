@@ -304,6 +304,7 @@ _ARCH_KEYS = (
     "pred_last_bn",
     "patch_size",
     "mlp_ratio",
+    "mlp_norm",
     "pos_embed",
     "freeze_patch_embed",
     "proj_hidden_dim",

@@ -92,6 +92,7 @@ def _describe_vit(model: VisionTransformer) -> dict[str, Any]:
         "in_chans": int(model.patch_embed.proj.in_channels),
         "mlp_ratio": hidden / embed_dim,
         "pos_embed": model.pos_embed_type,
+        "mlp_norm": model.mlp_norm,
         "class_token": True,
         "global_pool": "token",
         "qkv_bias": True,
@@ -143,6 +144,7 @@ def build_from_architecture(arch: dict[str, Any]) -> nn.Module:
             num_heads=arch["num_heads"],
             mlp_ratio=arch["mlp_ratio"],
             pos_embed=arch["pos_embed"],
+            mlp_norm=arch.get("mlp_norm", "layernorm"),  # files written before ViT-BN
         )
     if kind == "resnet":
         from mocov3.models.resnet import build_resnet
@@ -163,6 +165,11 @@ def timm_spec(arch: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                 "export with --format native"
             )
         return arch["arch"], {"in_chans": arch["in_chans"], "num_classes": 0}
+    if arch.get("mlp_norm", "layernorm") != "layernorm":
+        raise ExportError(
+            "timm's VisionTransformer has no BatchNorm before the MLP (model.mlp_norm "
+            f"{arch['mlp_norm']}, the paper's ViT-BN): export with --format native"
+        )
     kwargs: dict[str, Any] = {
         "img_size": arch["img_size"],
         "patch_size": arch["patch_size"],

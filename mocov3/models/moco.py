@@ -29,7 +29,7 @@ class MoCo(nn.Module):
     ``concat_views``: the ViT backbone has no BatchNorm, so running both views through it
     in one call computes exactly the same function with larger matrix products; the heads
     still see each view separately, keeping per-view BN statistics as in the paper.
-    Set it False for backbones with BatchNorm (ResNet), where it would mix statistics.
+    Set it False for backbones with BatchNorm (ResNet, ViT-BN), where it would mix statistics.
     """
 
     def __init__(
@@ -117,6 +117,7 @@ def build_backbone(config: Config, in_chans: int) -> nn.Module:
         mlp_ratio=model.mlp_ratio,
         pos_embed=model.pos_embed,
         drop_path_rate=model.drop_path_rate,
+        mlp_norm=model.mlp_norm,
     )
 
 
