@@ -73,6 +73,8 @@ def test_overrides_are_typed():
         ("train.skip_nonfinite=maybe", "'train.skip_nonfinite' must be true or false"),
         ("data.strict=2", "'data.strict' must be true or false"),
         ('model.pos_embed="a\\nb"', "model.pos_embed 'a\\nb' must be"),  # line break escaped
+        ("model.mlp_norm=rmsnorm", "model.mlp_norm 'rmsnorm' must be layernorm or batchnorm"),
+        ("model.mlp_norm=batchnorm", "moco.concat_views must be false with model.mlp_norm"),
     ],
 )
 def test_bad_values_refused_with_one_line(override, message):
@@ -80,6 +82,15 @@ def test_bad_values_refused_with_one_line(override, message):
         load_config("configs/tiny.yaml", [override])
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_vit_bn_takes_views_separately_and_is_a_vit_option():
+    config = load_config(
+        "configs/tiny.yaml", ["model.mlp_norm=batchnorm", "moco.concat_views=false"]
+    )
+    assert config.model.mlp_norm == "batchnorm"
+    with pytest.raises(ConfigError, match="model.mlp_norm is a ViT option"):
+        load_config("configs/resnet18_demo.yaml", ["model.mlp_norm=batchnorm"])
 
 
 def test_cli_reports_bad_config_as_one_line_and_status_2(capsys, tmp_path):

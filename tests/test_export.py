@@ -452,3 +452,18 @@ def test_resnet_small_stem_exports_natively_and_refuses_timm(tmp_path):
     back = from_pretrained(tmp_path / "native")
     images = torch.randn(2, 1, 28, 28)
     assert torch.equal(_features(back, images), _features(ours, images))
+
+
+def test_vit_bn_exports_natively_with_its_running_statistics_and_refuses_timm(tmp_path):
+    torch.manual_seed(0)
+    ours = VisionTransformer(28, 14, 1, 32, 2, 2, mlp_norm="batchnorm")
+    ours(torch.randn(8, 1, 28, 28) * 2 + 1)  # running statistics away from their init
+    ours.eval()
+    with pytest.raises(ExportError, match="--format native"):
+        save_pretrained(ours, tmp_path / "timm")
+    save_pretrained(ours, tmp_path / "native", timm_fields=False)
+    back = from_pretrained(tmp_path / "native")
+    assert back.mlp_norm == "batchnorm"
+    torch.testing.assert_close(back.blocks[0].norm2.running_var, ours.blocks[0].norm2.running_var)
+    images = torch.randn(2, 1, 28, 28)
+    assert torch.equal(_features(back, images), _features(ours, images))

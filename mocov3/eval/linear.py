@@ -367,10 +367,15 @@ def probe_backbone(
 # ----------------------------------------------------------------------------- command
 
 
-def result_file_name(features: str) -> str:
-    """``linear.json`` for the paper's class-token probe; other feature kinds write beside
-    it (``linear-last4.json``, ``linear-cls-avgpool.json``) instead of replacing it."""
-    return "linear.json" if features == "cls" else f"linear-{features.replace('+', '-')}.json"
+def result_file_name(features: str, augmented: bool = False) -> str:
+    """``linear.json`` for the paper's class-token probe on cached features; other feature
+    kinds and the augmented probe write beside it (``linear-last4.json``,
+    ``linear-cls-avgpool.json``, ``linear-augmented.json``, ``linear-last4-augmented.json``)
+    instead of replacing it."""
+    parts = ["linear"] if features == "cls" else ["linear", features.replace("+", "-")]
+    if augmented:
+        parts.append("augmented")
+    return "-".join(parts) + ".json"
 
 
 @dataclass(frozen=True)
@@ -506,7 +511,7 @@ def cmd_linear(args: argparse.Namespace) -> int:
     run = open_checkpoint(args.checkpoint, [*data_overrides(args), *args.set])
     summary = probe_run(run, settings)
     line = json.dumps(summary)
-    (run.run_dir / result_file_name(settings.features)).write_text(line + "\n")
+    (run.run_dir / result_file_name(settings.features, settings.augmented)).write_text(line + "\n")
     lrs = settings.base_lrs
     if len(lrs) > 1 and summary["best_lr"] in (min(lrs), max(lrs)):
         # the val optimum may lie beyond the sweep: say so rather than report it silently

@@ -23,6 +23,7 @@ from mocov3.engine.distributed import ProcessInfo
 from mocov3.engine.train import Trainer, pretrain
 from mocov3.models.heads import SyncBatchNorm1d, SyncBatchNorm2d
 from mocov3.models.moco import build_moco
+from mocov3.models.vit import TokenBatchNorm
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -62,10 +63,18 @@ def test_trainer_refuses_an_indivisible_batch_before_loading_data(tmp_path):
 # --------------------------------------------------------------------- SyncBatchNorm1d
 
 
+class _PlainTokenBatchNorm(nn.BatchNorm1d):
+    """torch's BatchNorm1d over the channels of [B, N, D] tokens: the one-process answer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
 # (shape of the whole batch, our synchronised BN, torch's BN); half the batch per process
 BATCH_NORMS = {
     "1d": ((16, 6), SyncBatchNorm1d, nn.BatchNorm1d),
     "2d": ((8, 6, 5, 5), SyncBatchNorm2d, nn.BatchNorm2d),
+    "tokens": ((8, 5, 6), TokenBatchNorm, _PlainTokenBatchNorm),  # ViT-BN: 6 channels
 }
 
 
@@ -74,10 +83,11 @@ def _batch_norm_case(kind: str, ours: bool) -> tuple[torch.Tensor, torch.Tensor,
     shape, sync_bn, plain_bn = BATCH_NORMS[kind]
     torch.manual_seed(0)
     x, upstream = torch.randn(shape) * 3 + 1, torch.randn(shape)
-    bn = (sync_bn if ours else plain_bn)(shape[1])
+    channels = shape[-1] if kind == "tokens" else shape[1]
+    bn = (sync_bn if ours else plain_bn)(channels)
     with torch.no_grad():
-        bn.weight.copy_(torch.linspace(0.5, 2, shape[1]))
-        bn.bias.copy_(torch.linspace(-1, 1, shape[1]))
+        bn.weight.copy_(torch.linspace(0.5, 2, channels))
+        bn.bias.copy_(torch.linspace(-1, 1, channels))
     return x, upstream, bn
 
 
@@ -106,9 +116,10 @@ def _sync_bn_worker(rank: int, world: int, kind: str, store_path: str, out_dir: 
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kind", ["1d", "2d"])
+@pytest.mark.parametrize("kind", ["1d", "2d", "tokens"])
 def test_sync_batchnorm_over_two_processes_equals_batchnorm_over_the_whole_batch(kind, tmp_path):
-    """The heads' SyncBatchNorm1d and the ResNet's SyncBatchNorm2d, on 2 gloo processes."""
+    """The heads' SyncBatchNorm1d, the ResNet's SyncBatchNorm2d and ViT-BN's TokenBatchNorm,
+    on 2 gloo processes."""
     mp.spawn(_sync_bn_worker, args=(2, kind, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     x, upstream, bn = _batch_norm_case(kind, ours=False)
     x.requires_grad_(True)

@@ -137,6 +137,9 @@ def test_cli_probes_tiny_run_and_leaves_backbone_unchanged(tiny_run, capsys):
     assert other["batchnorm"] is False and other["augmented"] is True
     assert set(other["val_top1_per_lr"]) == {"0.1", "1.0"} and other["lr_scale"] == 4.0
     assert other["backbone_unchanged"] is True
+    # the augmented probe is another protocol: its result goes beside the cached probe's
+    assert json.loads((tiny_run / "linear-augmented.json").read_text()) == other
+    assert json.loads((tiny_run / "linear.json").read_text()) == result
 
 
 def test_cli_says_when_the_best_lr_is_at_the_edge_of_the_sweep(tiny_run, capsys):

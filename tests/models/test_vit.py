@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from mocov3.models.vit import VisionTransformer, sincos_position_table
+from mocov3.models.vit import TokenBatchNorm, VisionTransformer, sincos_position_table
 
 
 def _pair(pos_embed: str, img_size: int = 32, patch: int = 4, in_chans: int = 3):
@@ -110,3 +110,60 @@ def test_any_image_and_patch_size():
     assert vit.pos_embed.shape == (1, 17, 32)
     with pytest.raises(ValueError, match="multiple"):
         VisionTransformer(img_size=30, patch_size=4)
+
+
+# ------------------------------------------------------------------------------ ViT-BN
+
+
+def _vit_bn() -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(
+        img_size=28,
+        patch_size=14,
+        in_chans=1,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        mlp_norm="batchnorm",
+    )
+
+
+def test_vit_bn_swaps_only_the_norm_before_each_mlp():
+    vit = _vit_bn()
+    assert all(isinstance(block.norm2, TokenBatchNorm) for block in vit.blocks)
+    assert all(isinstance(block.norm1, torch.nn.LayerNorm) for block in vit.blocks)
+    assert isinstance(vit.norm, torch.nn.LayerNorm)  # the feature is still read after LN
+    plain = VisionTransformer(28, 14, 1, 32, 2, 2)
+    assert isinstance(plain.blocks[0].norm2, torch.nn.LayerNorm)  # the default is the paper's ViT
+    with pytest.raises(ValueError, match="mlp_norm 'groupnorm'"):
+        VisionTransformer(28, 14, 1, 32, 2, 2, mlp_norm="groupnorm")
+
+
+def test_token_batchnorm_standardises_each_channel_over_all_tokens_by_hand():
+    torch.manual_seed(0)
+    tokens = torch.randn(3, 5, 4) * torch.tensor([1.0, 2.0, 3.0, 4.0]) + 7.0
+    norm = TokenBatchNorm(4)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 0.5, 2.0, 1.0]))
+        norm.bias.copy_(torch.tensor([0.0, 1.0, -1.0, 3.0]))
+    out = norm(tokens)
+    rows = tokens.reshape(15, 4)  # batch and tokens pooled: 15 samples per channel
+    mean, var = rows.mean(0), rows.var(0, unbiased=False)
+    expected = (tokens - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # running statistics move 10% toward the batch's, the variance unbiased over 15
+    torch.testing.assert_close(norm.running_mean, 0.1 * mean)
+    torch.testing.assert_close(norm.running_var, 0.9 + 0.1 * rows.var(0, unbiased=True))
+
+
+def test_vit_bn_in_eval_mode_gives_each_image_the_same_feature_in_any_batch():
+    vit = _vit_bn()
+    images = torch.randn(6, 1, 28, 28)
+    for _ in range(3):  # train-mode passes set the running statistics
+        vit(images)
+    vit.eval()
+    together = vit(images)
+    alone = torch.cat([vit(images[i : i + 1]) for i in range(len(images))])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    vit.train()  # in train mode, the batch's statistics: another batch, another feature
+    assert not torch.allclose(vit(images)[:3], vit(images[:3]), atol=1e-4)
