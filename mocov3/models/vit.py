@@ -5,12 +5,12 @@ feature, LayerNorm eps 1e-6, qkv with bias, MLP ratio 4, a fixed 2-D sin-cos pos
 embedding (class-token position all zeros), the MoCo v3 initialisation and, optionally, a
 frozen random patch projection (the paper's stability trick, Sec. 5.1).
 
-``mlp_norm="batchnorm"`` builds the paper's ViT-BN (BatchNorm instead of LayerNorm in the MLP
-blocks, about +1 point of linear accuracy; its ViT-BN-L/7 gives the paper's best linear
-probe, 81.0): each block's
-norm before the MLP standardises every channel over all tokens of the batch (class token
-included), with statistics over the global batch under DDP (:class:`TokenBatchNorm`).
-Attention keeps its LayerNorm, and so does the final norm that the feature is read after.
+``mlp_norm="batchnorm"`` builds the paper's ViT-BN (BatchNorm instead of LayerNorm in the
+MLP blocks, about +1 point of linear accuracy; its ViT-BN-L/7 gives the paper's best
+linear probe, 81.0): each block's norm before the MLP standardises every channel over all
+tokens of the batch (class token included), with statistics over the global batch under
+DDP (:class:`TokenBatchNorm`). Attention keeps its LayerNorm, and so does the final norm
+that the feature is read after.
 
 Parameter names and shapes equal timm's ``VisionTransformer`` (``patch_embed.proj``,
 ``cls_token``, ``pos_embed``, ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``,
