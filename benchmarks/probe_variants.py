@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from mocov3.eval.linear import linear_probe, train_linear_probes
 BASE_LRS = (0.03, 0.1, 0.3, 1.0, 3.0)  # mocov3 linear's default sweep (with BatchNorm)
 SCALE = 1024 / 256  # the default batch over 256: base lr -> actual lr
 
-# name -> (base lrs, weight decay, flip augmentation, L2-normalised features, refit)
+# name -> what differs from the default: base lrs, weight_decay, flip, l2 (features), refit
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "low lrs": {"lrs": (0.003, 0.01, 0.03, 0.1, 0.3)},
@@ -45,21 +46,42 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def features_of(run_dir: str, kind: str, encoder: str) -> dict[str, torch.Tensor]:
-    """Train, flipped-train and test features of the run's backbone (eval mode), labels, and
-    the run's seed."""
+@dataclass
+class ProbeData:
+    """One checkpoint's probe features (backbone in eval mode), labels, and the run's seed,
+    which ``mocov3 linear`` uses for its val split and classifier init."""
+
+    train: torch.Tensor
+    test: torch.Tensor
+    train_labels: torch.Tensor
+    test_labels: torch.Tensor
+    seed: int
+    train_flipped: torch.Tensor | None  # only extracted when a chosen variant flips
+
+
+def features_of(run_dir: str, kind: str, encoder: str, flipped: bool) -> ProbeData:
+    """Extract the features once; the flipped train images' only when ``flipped``."""
     run = open_checkpoint(run_dir)
     train_set, test_set = load_data(run.config)
     probe = ProbeFeatures(run.backbone(encoder), kind).eval()
-    args = (train_set.mean, train_set.std, torch.device("cpu"), 512, run.config.train.precision)
-    return {
-        "train": extract_features(probe, train_set.images, *args),
-        "train_flipped": extract_features(probe, train_set.images.flip(-1), *args),
-        "test": extract_features(probe, test_set.images, *args),
-        "train_labels": train_set.labels,
-        "test_labels": test_set.labels,
-        "seed": torch.tensor(run.config.train.seed),  # mocov3 linear's split and init seed
-    }
+    config = run.config
+    args = (
+        train_set.mean,
+        train_set.std,
+        torch.device("cpu"),
+        config.eval.batch_size,
+        config.train.precision,
+    )
+    return ProbeData(
+        train=extract_features(probe, train_set.images, *args),
+        test=extract_features(probe, test_set.images, *args),
+        train_labels=train_set.labels,
+        test_labels=test_set.labels,
+        seed=config.train.seed,
+        train_flipped=(
+            extract_features(probe, train_set.images.flip(-1), *args) if flipped else None
+        ),
+    )
 
 
 def flipped_half(
@@ -75,16 +97,18 @@ def flipped_half(
     return features
 
 
-def run_variant(data: dict[str, torch.Tensor], name: str) -> dict[str, Any]:
+def run_variant(data: ProbeData, name: str) -> dict[str, Any]:
     spec = VARIANTS[name]
-    train, test = data["train"], data["test"]
+    train, test = data.train, data.test
     if spec.get("l2"):
         train, test = F.normalize(train, dim=1), F.normalize(test, dim=1)
-    augment = flipped_half(train, data["train_flipped"]) if spec.get("flip") else None
+    augment = None
+    if spec.get("flip"):
+        assert data.train_flipped is not None, "features_of(..., flipped=True) for flips"
+        augment = flipped_half(train, data.train_flipped)
     lrs = [lr * SCALE for lr in spec.get("lrs", BASE_LRS)]
     weight_decay = spec.get("weight_decay", 0.0)
-    labels, test_labels = data["train_labels"], data["test_labels"]
-    seed = int(data["seed"])
+    labels, test_labels, seed = data.train_labels, data.test_labels, data.seed
     classes = int(max(labels.max(), test_labels.max())) + 1
     result = linear_probe(
         train,
@@ -127,8 +151,10 @@ def main() -> None:
     parser.add_argument("--encoder", choices=("query", "momentum"), default="query")
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS))
     args = parser.parse_args()
-    data = features_of(args.checkpoint, args.features, args.encoder)
-    for name in args.variant or list(VARIANTS):
+    names = args.variant or list(VARIANTS)
+    flips = any(VARIANTS[name].get("flip") for name in names)
+    data = features_of(args.checkpoint, args.features, args.encoder, flipped=flips)
+    for name in names:
         row = run_variant(data, name)
         print(json.dumps({"features": args.features, "encoder": args.encoder, **row}), flush=True)
 
