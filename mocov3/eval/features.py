@@ -9,7 +9,10 @@ comparison with results reported that way:
   after the final LayerNorm (DINO's linear probe for ViT-B, Caron et al. 2021, Sec. 4.1 and
   its ``eval_linear.py``; ``[B, 2D]``);
 - ``last4``: the class tokens of the last four blocks, each through the final LayerNorm,
-  concatenated (DINO's linear probe for ViT-S; ``[B, 4D]``).
+  concatenated (DINO's linear probe for ViT-S; ``[B, 4D]``);
+- ``last4+avgpool``: ``last4`` with the mean of the last block's patch tokens after the
+  final LayerNorm appended (DINO's ``eval_linear.py`` with ``n_last_blocks=4`` and
+  ``avgpool_patchtokens``, its two options together; ``[B, 5D]``).
 
 The probe stays linear and the backbone frozen either way; only the feature vector grows.
 """
@@ -21,7 +24,7 @@ from torch import nn
 
 from mocov3.models.vit import VisionTransformer
 
-FEATURE_KINDS = ("cls", "cls+avgpool", "last4")
+FEATURE_KINDS = ("cls", "cls+avgpool", "last4", "last4+avgpool")
 LAST_BLOCKS = 4  # DINO's n_last_blocks for ViT-S
 
 
@@ -37,9 +40,9 @@ def kind_refusal(kind: str, backbone_name: str, vit_depth: int | None) -> str | 
             f"features '{kind}' read ViT tokens; this backbone is a {backbone_name}: "
             "use features 'cls'"
         )
-    if kind == "last4" and vit_depth is not None and vit_depth < LAST_BLOCKS:
+    if kind.startswith("last4") and vit_depth is not None and vit_depth < LAST_BLOCKS:
         return (
-            f"features 'last4' need a ViT of at least {LAST_BLOCKS} blocks, this one has "
+            f"features '{kind}' need a ViT of at least {LAST_BLOCKS} blocks, this one has "
             f"{vit_depth}: use 'cls' or 'cls+avgpool'"
         )
     return None
@@ -67,4 +70,7 @@ class ProbeFeatures(nn.Module):
             tokens = self.backbone.forward_tokens(x)
             return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=-1)
         blocks = self.backbone.last_blocks_tokens(x, LAST_BLOCKS)
-        return torch.cat([tokens[:, 0] for tokens in blocks], dim=-1)
+        features = [tokens[:, 0] for tokens in blocks]
+        if self.kind == "last4+avgpool":
+            features.append(blocks[-1][:, 1:].mean(dim=1))
+        return torch.cat(features, dim=-1)

@@ -23,10 +23,13 @@ train part only). Afterwards the command checks that no backbone tensor changed.
 ``--augmented`` is the reference probe: every epoch the training features are recomputed
 from RandomResizedCrop (scale 0.08-1) + horizontal-flip views of the training images, the
 backbone still frozen in eval mode under ``no_grad``. That is one backbone pass over the
-training set per epoch: meant for GPUs, slow on a CPU.
+training set per epoch: meant for GPUs, slow on a CPU. ``--crop-scale LO HI`` changes the
+crop's area range, e.g. to the one the backbone was pretrained with (the reference's 0.08
+is the paper's ImageNet pretraining crop; a small-image preset crops far less).
 
 ``--features`` picks what the probe reads (:mod:`mocov3.eval.features`): the class token by
-default, as the paper; DINO's ``cls+avgpool`` and ``last4`` for comparison.
+default, as the paper; DINO's ``cls+avgpool``, ``last4`` and ``last4+avgpool`` for
+comparison.
 
 :func:`probe_run` is the whole probe of an opened checkpoint, given :class:`ProbeSettings`:
 ``mocov3 linear`` and ``mocov3 study`` (its ``linear:`` block) both call it.
@@ -301,8 +304,10 @@ def augmented_features(
     device: torch.device,
     batch_size: int = 512,
     precision: str = "fp32",
+    crop_scale: Sequence[float] = AUG_SCALE,
 ) -> torch.Tensor:
-    """Features of ``images[indices]`` after RandomResizedCrop (0.08-1) + flip (p 0.5).
+    """Features of ``images[indices]`` after RandomResizedCrop (area ``crop_scale``, the
+    reference's 0.08-1 by default) + flip (p 0.5).
 
     The views depend only on (seed, epoch, index) (counter-based, as pretraining's); the
     backbone is put in eval mode and run under ``no_grad``. float32 ``[len(indices), D]``
@@ -316,7 +321,7 @@ def augmented_features(
         for chunk in indices.split(batch_size):
             x = images[chunk].to(device).float() / 255.0
             keys = sample_keys(seed, epoch, chunk).to(device)
-            boxes = sample_crop_boxes(keys, 0, x.shape[2], x.shape[3], AUG_SCALE, AUG_RATIO)
+            boxes = sample_crop_boxes(keys, 0, x.shape[2], x.shape[3], crop_scale, AUG_RATIO)
             flip = counter_uniform(keys, _AUG_FLIP_STREAM) < 0.5
             x = standardize(resized_crop_flip(x, boxes, flip, size), mean, std)
             with autocast_context(device, precision):
@@ -335,10 +340,12 @@ def probe_backbone(
     precision: str = "fp32",
     feature_batch_size: int = 512,
     augmented: bool = False,
+    crop_scale: Sequence[float] = AUG_SCALE,
     **probe_kwargs: Any,
 ) -> dict[str, Any]:
     """Snapshot the backbone, extract features (eval mode), :func:`linear_probe`, then check
-    that no backbone tensor changed (``backbone_unchanged``). ``lrs`` are actual lrs."""
+    that no backbone tensor changed (``backbone_unchanged``). ``lrs`` are actual lrs;
+    ``crop_scale`` is the augmented probe's crop area range."""
     before = snapshot(backbone)
     mean, std = train_set.mean, train_set.std
     args = (mean, std, device, feature_batch_size, precision)
@@ -349,7 +356,9 @@ def probe_backbone(
         seed = int(probe_kwargs.get("seed", 0))
 
         def aug(epoch: int, indices: torch.Tensor) -> torch.Tensor:
-            return augmented_features(backbone, train_set.images, indices, epoch, seed, *args)
+            return augmented_features(
+                backbone, train_set.images, indices, epoch, seed, *args, crop_scale=crop_scale
+            )
 
     result = linear_probe(
         train_feats,
@@ -391,6 +400,7 @@ class ProbeSettings:
     val_fraction: float = 0.1
     batchnorm: bool = True
     augmented: bool = False
+    crop_scale: tuple[float, float] | None = None  # the augmented probe's; None: AUG_SCALE
     features: str = "cls"
     encoder: str = "query"
     device: str | None = None  # None: the run's train.device
@@ -415,6 +425,14 @@ class ProbeSettings:
                 f"--val-fraction must be in (0, 1) (0 only with a single lr), got "
                 f"{self.val_fraction}"
             )
+        if self.crop_scale is not None:
+            if not self.augmented:  # the cached probe sees whole images: no crop to change
+                raise ConfigError("--crop-scale applies to the augmented probe: add --augmented")
+            low, high = self.crop_scale
+            if not 0.0 < low <= high <= 1.0:
+                raise ConfigError(
+                    f"--crop-scale must be LO HI with 0 < LO <= HI <= 1, got {low} {high}"
+                )
 
 
 def probe_run(run: LoadedRun, settings: ProbeSettings) -> dict[str, Any]:
@@ -458,6 +476,7 @@ def probe_run(run: LoadedRun, settings: ProbeSettings) -> dict[str, Any]:
             precision=precision,
             feature_batch_size=config.eval.batch_size,
             augmented=settings.augmented,
+            crop_scale=settings.crop_scale or AUG_SCALE,
             val_fraction=settings.val_fraction,
             epochs=settings.epochs,
             batch_size=settings.batch_size,
@@ -482,6 +501,7 @@ def probe_run(run: LoadedRun, settings: ProbeSettings) -> dict[str, Any]:
         "feature_dim": int(result["probes"].weight.shape[1]),
         "batchnorm": settings.batchnorm,
         "augmented": settings.augmented,
+        "crop_scale": list(settings.crop_scale or AUG_SCALE) if settings.augmented else None,
         "epochs": settings.epochs,
         "batch_size": settings.batch_size,
         "weight_decay": settings.weight_decay,
@@ -503,6 +523,7 @@ def cmd_linear(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         batchnorm=batchnorm,
         augmented=args.augmented,
+        crop_scale=tuple(args.crop_scale) if args.crop_scale else None,
         features=args.features,
         encoder=args.encoder,
         device=args.device,
@@ -544,7 +565,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         default="cls",
         help="what the probe reads: the class token (the paper's probe, default), or, for "
         "comparison with DINO-style results, the class token + mean patch token "
-        "(cls+avgpool) or the class tokens of the last 4 blocks (last4)",
+        "(cls+avgpool), the class tokens of the last 4 blocks (last4), or those and the "
+        "last block's mean patch token (last4+avgpool)",
     )
     parser.add_argument(
         "--lrs",
@@ -573,6 +595,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="recompute features every epoch from RandomResizedCrop + flip views "
         "(the reference probe; for GPUs, slow on a CPU)",
+    )
+    parser.add_argument(
+        "--crop-scale",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help=f"the augmented probe's crop area range (default {AUG_SCALE[0]} {AUG_SCALE[1]}, "
+        "the reference's; e.g. the pretraining preset's augment.crop_scale)",
     )
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default train.device)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

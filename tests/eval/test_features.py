@@ -1,5 +1,5 @@
-"""What a linear probe reads: the class token by default, DINO's cls+avgpool and last4
-against hand-built features, clear errors where a kind does not apply, and the CLI."""
+"""What a linear probe reads: the class token by default, DINO's cls+avgpool, last4 and
+last4+avgpool against hand-built features, clear errors where a kind does not apply, and the CLI."""
 
 import json
 import re
@@ -52,6 +52,9 @@ def test_each_kind_equals_its_hand_built_features():
     assert not torch.allclose(last4[:, :32], last4[:, 96:], atol=1e-3)
     # and the last of them is the paper's feature
     assert torch.allclose(last4[:, 96:], vit(images), atol=1e-6)
+    both = ProbeFeatures(vit, "last4+avgpool")(images)
+    expected = torch.cat([last4, final[:, 1:].mean(dim=1)], dim=1)  # the LAST block's patches
+    assert both.shape == (3, 160) and torch.allclose(both, expected, atol=1e-6)
 
 
 def test_wrapper_adds_no_parameters_and_keeps_the_backbone_mode():
@@ -67,7 +70,9 @@ def test_wrapper_adds_no_parameters_and_keeps_the_backbone_mode():
     [
         (build_resnet("resnet18", 1, small_stem=True), "cls+avgpool", "use features 'cls'"),
         (small_vit(depth=3), "last4", "use 'cls' or 'cls+avgpool'"),
-        (small_vit(), "avgpool", "cls, cls+avgpool, last4"),
+        (small_vit(depth=3), "last4+avgpool", "'last4+avgpool' need a ViT of at least 4"),
+        (build_resnet("resnet18", 1, small_stem=True), "last4+avgpool", "use features 'cls'"),
+        (small_vit(), "avgpool", "cls, cls+avgpool, last4, last4+avgpool"),
     ],
 )
 def test_kinds_that_do_not_apply_are_refused_with_the_fix(backbone, kind, fix):

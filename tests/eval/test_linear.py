@@ -135,6 +135,7 @@ def test_cli_probes_tiny_run_and_leaves_backbone_unchanged(tiny_run, capsys):
     assert main(argv) == 0
     other = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert other["batchnorm"] is False and other["augmented"] is True
+    assert other["crop_scale"] == [0.08, 1.0] and result["crop_scale"] is None
     assert set(other["val_top1_per_lr"]) == {"0.1", "1.0"} and other["lr_scale"] == 4.0
     assert other["backbone_unchanged"] is True
     # the augmented probe is another protocol: its result goes beside the cached probe's
@@ -211,3 +212,59 @@ def test_augmented_features_are_new_views_every_epoch():
     assert not torch.allclose(epoch0, epoch1)
     assert not torch.allclose(epoch0, clean.flatten(1))
     assert epoch0.shape == (16, 64)
+
+
+def test_augmented_features_follow_the_crop_scale():
+    data = toy_dataset(32, 4)
+    indices = torch.arange(32)
+    args = (data.mean, data.std, torch.device("cpu"))
+    clean = (data.images.float() / 255 - 0.4) / 0.3
+    # area 100%: on 8x8 images the only crop that fits is the whole image (any other aspect
+    # ratio in [3/4, 4/3] rounds to 9 pixels on a side), so each view is the image or its flip
+    whole = augmented_features(nn.Flatten(), data.images, indices, 0, 0, *args,
+                               crop_scale=(1.0, 1.0))
+    as_is = (whole - clean.flatten(1)).abs().amax(dim=1) < 1e-5
+    flipped = (whole - clean.flip(-1).flatten(1)).abs().amax(dim=1) < 1e-5
+    assert bool((as_is | flipped).all()) and as_is.any() and flipped.any()
+    # the reference's 8-100% crops change the pixels of almost every view
+    reference = augmented_features(nn.Flatten(), data.images, indices, 0, 0, *args)
+    assert not torch.allclose(reference, whole)
+
+
+class RecordingFlatten(nn.Flatten):
+    """Flattens the image, keeping every batch it is shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.clone())
+        return super().forward(x)
+
+
+@pytest.mark.parametrize(("crop_scale", "only_whole_images"), [((1.0, 1.0), True),
+                                                               ((0.08, 1.0), False)])
+def test_probe_backbone_passes_the_crop_scale_to_the_augmented_views(crop_scale,
+                                                                     only_whole_images):
+    train_set, test_set = toy_dataset(64, 5), toy_dataset(32, 6)
+    backbone = RecordingFlatten()
+    probe_backbone(backbone, train_set, test_set, lrs=[0.1], device=torch.device("cpu"),
+                   epochs=2, batch_size=32, augmented=True, crop_scale=crop_scale)
+    images = torch.cat([train_set.images, test_set.images]).float() / 255
+    whole = ((torch.cat([images, images.flip(-1)]) - 0.4) / 0.3).flatten(1)
+    seen = torch.cat(backbone.seen).flatten(1)
+    assert len(seen) > 64 + 32  # clean train, clean test, then the epochs' views
+    distance = torch.cdist(seen, whole, compute_mode="donot_use_mm_for_euclid_dist")
+    is_whole = distance.amin(dim=1) < 1e-4
+    assert bool(is_whole.all()) == only_whole_images
+
+
+def test_crop_scale_is_refused_without_augmentation_or_out_of_range(capsys):
+    argv = ["linear", "--checkpoint", "nowhere.pt", "--crop-scale", "0.85", "1"]
+    assert main(argv) == 2  # refused before the checkpoint is looked for
+    assert "--crop-scale applies to the augmented probe: add --augmented" in capsys.readouterr().err
+    for low, high in (("0", "1"), ("0.9", "0.5"), ("0.5", "1.5")):
+        assert main([*argv[:3], "--augmented", "--crop-scale", low, high]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and "0 < LO <= HI <= 1" in error
