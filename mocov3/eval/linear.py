@@ -465,6 +465,7 @@ def probe_run(run: LoadedRun, settings: ProbeSettings) -> dict[str, Any]:
         test_set = test_set.subset(config.eval.test_subset)
 
     scale = settings.batch_size / 256.0  # the linear scaling rule: lr = base lr * batch / 256
+    crop_scale = settings.crop_scale or AUG_SCALE  # what the augmented probe crops
     by_actual = {lr * scale: lr for lr in settings.base_lrs}
     try:
         result = probe_backbone(
@@ -476,7 +477,7 @@ def probe_run(run: LoadedRun, settings: ProbeSettings) -> dict[str, Any]:
             precision=precision,
             feature_batch_size=config.eval.batch_size,
             augmented=settings.augmented,
-            crop_scale=settings.crop_scale or AUG_SCALE,
+            crop_scale=crop_scale,
             val_fraction=settings.val_fraction,
             epochs=settings.epochs,
             batch_size=settings.batch_size,
@@ -501,7 +502,7 @@ def probe_run(run: LoadedRun, settings: ProbeSettings) -> dict[str, Any]:
         "feature_dim": int(result["probes"].weight.shape[1]),
         "batchnorm": settings.batchnorm,
         "augmented": settings.augmented,
-        "crop_scale": list(settings.crop_scale or AUG_SCALE) if settings.augmented else None,
+        "crop_scale": list(crop_scale) if settings.augmented else None,
         "epochs": settings.epochs,
         "batch_size": settings.batch_size,
         "weight_decay": settings.weight_decay,
