@@ -680,7 +680,8 @@ def describe_model(config: Config, channels: int) -> str:
     dim, depth, heads = resolve_model_dims(config.model)
     m, size = config.model, config.data.image_size
     if is_resnet_arch(m.arch):
-        trunk = f"{m.arch}{' small stem' if m.small_stem else ''}"
+        width = f" width {m.resnet_width}" if m.resnet_width != 64 else ""
+        trunk = f"{m.arch}{width}{' small stem' if m.small_stem else ''}"
     else:
         trunk = f"ViT {dim}/{depth}/{heads} patch {m.patch_size}"
     return (

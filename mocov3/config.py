@@ -57,6 +57,7 @@ class ModelConfig:
     out_dim: int = 256
     pred_last_bn: bool = True  # affine-free BN after the predictor (ViT: yes; ResNet: no)
     small_stem: bool = False  # ResNet: 3x3 stride-1 conv1, no max-pool (28-64 px images)
+    resnet_width: int = 64  # ResNet: layer1's channels, doubled per stage (torchvision: 64)
 
 
 @dataclass
@@ -430,6 +431,11 @@ def _validate_resnet(config: Config) -> None:
     )
     _require(m.drop_path_rate == 0.0, f"model.drop_path_rate must be 0 for {m.arch}")
     _require(
+        m.resnet_width >= 1,
+        f"model.resnet_width must be a positive channel count (torchvision's is 64), got "
+        f"{m.resnet_width}",
+    )
+    _require(
         m.mlp_norm == "layernorm",
         f"model.mlp_norm is a ViT option ({m.arch} has BatchNorm throughout); remove it",
     )
@@ -481,6 +487,7 @@ def validate(config: Config) -> None:
             f"{m.patch_size} (e.g. patch 4 or 7 for 28 px, 4 for 32 px, 16 for 224 px)",
         )
         _require(not m.small_stem, "model.small_stem is a ResNet option; remove it for a ViT")
+        _require(m.resnet_width == 64, "model.resnet_width is a ResNet option; remove it for a ViT")
         _require(
             m.mlp_norm != "batchnorm" or not config.moco.concat_views,
             "moco.concat_views must be false with model.mlp_norm batchnorm: one call on both "

@@ -454,6 +454,19 @@ def test_resnet_small_stem_exports_natively_and_refuses_timm(tmp_path):
     assert torch.equal(_features(back, images), _features(ours, images))
 
 
+def test_narrow_resnet_exports_natively_with_its_width_and_refuses_timm(tmp_path):
+    from mocov3.models.resnet import build_resnet
+
+    ours = build_resnet("resnet18", in_chans=1, width=16).eval()
+    with pytest.raises(ExportError, match="resnet_width"):
+        save_pretrained(ours, tmp_path / "timm")
+    save_pretrained(ours, tmp_path / "native", timm_fields=False)
+    back = from_pretrained(tmp_path / "native")
+    assert back.layer4[-1].conv2.out_channels == 128
+    images = torch.randn(2, 1, 28, 28)
+    assert torch.equal(_features(back, images), _features(ours, images))
+
+
 def test_vit_bn_exports_natively_with_its_running_statistics_and_refuses_timm(tmp_path):
     torch.manual_seed(0)
     ours = VisionTransformer(28, 14, 1, 32, 2, 2, mlp_norm="batchnorm")

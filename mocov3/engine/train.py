@@ -301,6 +301,7 @@ def check_writable(out_dir: Path) -> None:
 _ARCH_KEYS = (
     "arch",
     "small_stem",
+    "resnet_width",
     "pred_last_bn",
     "patch_size",
     "mlp_ratio",

@@ -126,6 +126,7 @@ def _describe_resnet(model: nn.Module) -> dict[str, Any]:
         "arch": arch,
         "in_chans": int(conv1.in_channels),
         "small_stem": small_stem,
+        "width": int(model.layer1[0].conv1.in_channels),
         "feature_dim": int((last.conv3 if bottleneck else last.conv2).out_channels),
         "feature": "global average of the last stage (torchvision's avgpool), fc removed",
     }
@@ -149,7 +150,12 @@ def build_from_architecture(arch: dict[str, Any]) -> nn.Module:
     if kind == "resnet":
         from mocov3.models.resnet import build_resnet
 
-        return build_resnet(arch["arch"], arch["in_chans"], arch.get("small_stem", False))
+        return build_resnet(
+            arch["arch"],
+            arch["in_chans"],
+            arch.get("small_stem", False),
+            arch.get("width", 64),  # files written before model.resnet_width
+        )
     raise ExportError(f"unknown model_type {kind!r} in the architecture (expected vit or resnet)")
 
 
@@ -163,6 +169,11 @@ def timm_spec(arch: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             raise ExportError(
                 "timm has no ResNet with a 3x3 stride-1 stem and no max-pool (model.small_stem): "
                 "export with --format native"
+            )
+        if arch.get("width", 64) != 64:
+            raise ExportError(
+                f"timm's {arch['arch']} has 64 channels in layer1, this one "
+                f"{arch['width']} (model.resnet_width): export with --format native"
             )
         return arch["arch"], {"in_chans": arch["in_chans"], "num_classes": 0}
     if arch.get("mlp_norm", "layernorm") != "layernorm":

@@ -105,7 +105,9 @@ def build_backbone(config: Config, in_chans: int) -> nn.Module:
     """The ViT or torchvision ResNet ``config.model.arch`` names, from random init."""
     model = config.model
     if is_resnet_arch(model.arch):
-        return build_resnet(model.arch, in_chans=in_chans, small_stem=model.small_stem)
+        return build_resnet(
+            model.arch, in_chans=in_chans, small_stem=model.small_stem, width=model.resnet_width
+        )
     embed_dim, depth, num_heads = resolve_model_dims(model)
     return VisionTransformer(
         img_size=config.data.image_size,

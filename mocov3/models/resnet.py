@@ -35,18 +35,44 @@ RESNETS: dict[str, tuple[Callable[..., resnet.ResNet], int, int]] = {
 }
 
 
-def _stem_conv(in_chans: int, small_stem: bool) -> nn.Conv2d:
+def _stem_conv(in_chans: int, small_stem: bool, width: int = 64) -> nn.Conv2d:
     """torchvision's 7x7 stride-2 stem, or the 3x3 stride-1 small-image stem; bias-free
     (a BN follows), He-initialised as torchvision initialises every convolution."""
     if small_stem:
-        conv = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        conv = nn.Conv2d(in_chans, width, kernel_size=3, stride=1, padding=1, bias=False)
     else:
-        conv = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        conv = nn.Conv2d(in_chans, width, kernel_size=7, stride=2, padding=3, bias=False)
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     return conv
 
 
-def build_resnet(arch: str, in_chans: int = 3, small_stem: bool = False) -> resnet.ResNet:
+def _set_width(model: resnet.ResNet, width: int) -> None:
+    """Rebuild ``model``'s stages with ``width`` channels in layer1 (doubling per stage, as
+    torchvision's 64/128/256/512), re-initialised exactly as torchvision initialises: He
+    normal convolutions, BN gamma 1 / beta 0, and the last BN of every block at gamma 0."""
+    stages = [getattr(model, f"layer{i}") for i in range(1, 5)]
+    block = type(stages[0][0])
+    model.inplanes = width
+    model.bn1 = model._norm_layer(width)
+    for index, stage in enumerate(stages):
+        new_stage = model._make_layer(block, width * 2**index, len(stage), stride=min(index, 1) + 1)
+        setattr(model, f"layer{index + 1}", new_stage)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for module in model.modules():
+        if isinstance(module, resnet.Bottleneck):
+            nn.init.zeros_(module.bn3.weight)
+        elif isinstance(module, resnet.BasicBlock):
+            nn.init.zeros_(module.bn2.weight)
+
+
+def build_resnet(
+    arch: str, in_chans: int = 3, small_stem: bool = False, width: int = 64
+) -> resnet.ResNet:
     """torchvision ResNet ``arch`` from random init, as the MoCo v3 backbone.
 
     ``zero_init_residual=True`` as the reference; every BN is :class:`SyncBatchNorm2d`
@@ -58,8 +84,11 @@ def build_resnet(arch: str, in_chans: int = 3, small_stem: bool = False) -> resn
         raise ValueError(f"unknown ResNet {arch!r} (choose one of: {', '.join(RESNETS)})")
     builder, dim, _ = RESNETS[arch]
     model = builder(weights=None, zero_init_residual=True, norm_layer=SyncBatchNorm2d)
-    if small_stem or in_chans != 3:
-        model.conv1 = _stem_conv(in_chans, small_stem)
+    if width != 64:
+        _set_width(model, width)
+        dim = dim * width // 64
+    if small_stem or in_chans != 3 or width != 64:
+        model.conv1 = _stem_conv(in_chans, small_stem, width)
     if small_stem:
         model.maxpool = nn.Identity()
     model.fc = nn.Identity()

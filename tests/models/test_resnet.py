@@ -72,6 +72,32 @@ def test_small_stem_shapes_on_28px_grey_images():
     assert build_resnet("resnet18", in_chans=3)(torch.randn(2, 3, 64, 64)).shape == (2, 512)
 
 
+def test_resnet_width_narrows_every_stage_and_keeps_torchvision_init():
+    """model.resnet_width: layer1's channels, doubled per stage; init as torchvision's."""
+    torch.manual_seed(0)
+    r18 = build_resnet("resnet18", in_chans=1, small_stem=False, width=16)
+    assert r18.conv1.out_channels == 16 and r18.conv1.kernel_size == (7, 7)
+    widths = [getattr(r18, f"layer{i}")[-1].conv2.out_channels for i in range(1, 5)]
+    assert widths == [16, 32, 64, 128]
+    assert r18(torch.randn(2, 1, 28, 28)).shape == (2, 128) and feature_dim(r18) == 128
+    blocks = [m for m in r18.modules() if isinstance(m, BasicBlock)]
+    assert len(blocks) == 8 and all(torch.count_nonzero(b.bn2.weight) == 0 for b in blocks)
+    assert all(torch.all(b.bn1.weight == 1) and torch.all(b.bn1.bias == 0) for b in blocks)
+    assert all(
+        isinstance(m, SyncBatchNorm2d) for m in r18.modules() if isinstance(m, nn.BatchNorm2d)
+    )
+    # He normal, fan_out: std sqrt(2 / (out_channels * 3 * 3)) (nn.Conv2d's own init differs)
+    weight = r18.layer4[0].conv2.weight
+    assert abs(weight.std().item() / (2 / (128 * 9)) ** 0.5 - 1) < 0.05
+    r50 = build_resnet("resnet50", in_chans=1, small_stem=True, width=8)
+    assert r50(torch.randn(2, 1, 28, 28)).shape == (2, 256) and feature_dim(r50) == 256
+    assert all(
+        torch.count_nonzero(m.bn3.weight) == 0 for m in r50.modules() if isinstance(m, Bottleneck)
+    )
+    config = load_config(DEMO, ["model.resnet_width=16", "data.name=synthetic"])
+    assert feature_dim(build_moco(config, in_chans=1).backbone) == 128
+
+
 def test_state_dict_loads_into_torchvision_and_timm_with_identical_features():
     torch.manual_seed(0)
     ours = build_resnet("resnet18", in_chans=3).eval()
@@ -103,6 +129,10 @@ def test_resnet_refuses_concat_views_and_other_vit_only_options():
         load_config(DEMO, ["model.embed_dim=64"])
     with pytest.raises(ConfigError, match="small_stem is a ResNet option"):
         load_config("configs/tiny.yaml", ["model.small_stem=true"])
+    with pytest.raises(ConfigError, match="resnet_width is a ResNet option"):
+        load_config("configs/tiny.yaml", ["model.resnet_width=32"])
+    with pytest.raises(ConfigError, match="resnet_width must be a positive channel count"):
+        load_config(DEMO, ["model.resnet_width=0"])
     vit = load_config("configs/tiny.yaml")  # the ViT defaults are unchanged
     assert vit.model.pred_last_bn and vit.moco.concat_views and vit.optim.name == "adamw"
 
