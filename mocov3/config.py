@@ -386,13 +386,18 @@ def resolve_model_dims(model: ModelConfig) -> tuple[int, int, int]:
     """(embed_dim, depth, num_heads) from the arch name, explicit values taking precedence.
 
     A ResNet gives (feature dim, residual blocks, 1): it has no heads, and its shape is fixed
-    by the name, so explicit values are refused."""
+    by the name and ``resnet_width``, so explicit values are refused."""
     if is_resnet_arch(model.arch):
         for name in ("embed_dim", "depth", "num_heads"):
             if getattr(model, name) is not None:
                 raise ConfigError(f"model.{name} is a ViT key; {model.arch} fixes it: remove it")
+        if model.resnet_width < 1:
+            raise ConfigError(
+                "model.resnet_width must be a positive channel count (torchvision's is 64), "
+                f"got {model.resnet_width}"
+            )
         dim, blocks = RESNET_SIZES[model.arch]
-        return dim, blocks, 1
+        return dim * model.resnet_width // 64, blocks, 1
     if model.arch == "vit_custom":
         base = (None, None, None)
     elif model.arch in VIT_SIZES:
@@ -430,11 +435,6 @@ def _validate_resnet(config: Config) -> None:
         f"model.freeze_patch_embed must be false for {m.arch} (it has no patch projection)",
     )
     _require(m.drop_path_rate == 0.0, f"model.drop_path_rate must be 0 for {m.arch}")
-    _require(
-        m.resnet_width >= 1,
-        f"model.resnet_width must be a positive channel count (torchvision's is 64), got "
-        f"{m.resnet_width}",
-    )
     _require(
         m.mlp_norm == "layernorm",
         f"model.mlp_norm is a ViT option ({m.arch} has BatchNorm throughout); remove it",

@@ -465,6 +465,15 @@ def test_narrow_resnet_exports_natively_with_its_width_and_refuses_timm(tmp_path
     assert back.layer4[-1].conv2.out_channels == 128
     images = torch.randn(2, 1, 28, 28)
     assert torch.equal(_features(back, images), _features(ours, images))
+    # files written before model.resnet_width carry no "width": they are torchvision's 64
+    wide = build_resnet("resnet18", in_chans=1).eval()
+    save_pretrained(wide, tmp_path / "old", timm_fields=False)
+    meta = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert meta["architecture"].pop("width") == 64
+    (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
+    assert torch.equal(
+        _features(from_pretrained(tmp_path / "old"), images), _features(wide, images)
+    )
 
 
 def test_vit_bn_exports_natively_with_its_running_statistics_and_refuses_timm(tmp_path):

