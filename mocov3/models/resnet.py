@@ -55,7 +55,8 @@ def _set_width(model: resnet.ResNet, width: int) -> None:
     model.inplanes = width
     model.bn1 = model._norm_layer(width)
     for index, stage in enumerate(stages):
-        new_stage = model._make_layer(block, width * 2**index, len(stage), stride=min(index, 1) + 1)
+        stride = 1 if index == 0 else 2  # as torchvision: layer1 keeps the stem's resolution
+        new_stage = model._make_layer(block, width * 2**index, len(stage), stride=stride)
         setattr(model, f"layer{index + 1}", new_stage)
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
