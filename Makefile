@@ -25,7 +25,7 @@ test: install data lint
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check mocov3 tests benchmarks
+	$(VENV)/bin/ruff check mocov3 tests benchmarks docs/experiments/scripts
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -19,10 +19,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mocov3.config import load_config
-from mocov3.data.augment import TwoViewAugment, sample_keys
-from mocov3.engine.optim import build_optimizer
-from mocov3.engine.precision import autocast_context
+from mocov3.data.augment import TwoViewAugment
+from mocov3.data.counters import sample_keys
 from mocov3.models.moco import build_moco
+from mocov3.optim.optimizers import build_optimizer
+from mocov3.runtime.precision import autocast_context
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product", "aten::convolution")
 

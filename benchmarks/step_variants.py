@@ -10,7 +10,7 @@ augmentation, both encoders, EMA, backward, AdamW) after two untimed ones; the v
 one after another in the same process, so the ratios between them (images per second, so
 that variants with another batch size compare too) are what to read, not the absolute
 numbers (this 2-core machine's speed wanders by about 15%). This is how the
-demo's model was picked at a fixed CPU budget (README, "Results").
+demo's model was picked at a fixed CPU budget (docs/experiments/results.md).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import tempfile
 import time
 
 from mocov3.config import load_config
-from mocov3.engine.train import Trainer
+from mocov3.train.trainer import Trainer
 
 DEFAULT_VARIANTS = {
     "preset": [],
@@ -42,11 +42,11 @@ def step_seconds(config_path: str, overrides: list[str], steps: int) -> tuple[fl
         trainer.close()  # the input pipeline __init__ made, replaced by one for these steps
         trainer.batches = trainer._batch_source(0, steps + 2)
         try:
-            trainer.train_step(0)
-            trainer.train_step(1)
+            trainer.take_step(0)
+            trainer.take_step(1)
             tic = time.perf_counter()
             for step in range(2, steps + 2):
-                trainer.train_step(step)
+                trainer.take_step(step)
             return (time.perf_counter() - tic) / steps, config.train.batch_size
         finally:
             trainer.close()

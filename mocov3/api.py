@@ -18,14 +18,13 @@ from typing import Any
 from torch import nn
 
 from mocov3.config import Config, config_from_dict, load_config
-from mocov3.eval.common import open_checkpoint
+from mocov3.errors import ExportError
 from mocov3.interop import pretrained
-from mocov3.interop.pretrained import CONFIG_NAME, ExportError, from_pretrained
-from mocov3.models.moco import MoCo, build_moco
+from mocov3.interop.pretrained import CONFIG_NAME, from_pretrained
+from mocov3.models.checkpoint import open_checkpoint
+from mocov3.models.moco import ENCODERS, MoCo, build_moco
 
 __all__ = ["build_model", "from_pretrained", "load_backbone", "save_pretrained"]
-
-ENCODERS = ("query", "momentum")
 
 
 def build_model(
@@ -71,7 +70,7 @@ def save_pretrained(
     if encoder not in ENCODERS:
         raise ValueError(f"encoder must be query or momentum, got {encoder!r}")
     if isinstance(model, MoCo):
-        model = model.backbone if encoder == "query" else model.momentum_backbone
+        model = model.encoder_backbone(encoder)
     return pretrained.save_pretrained(
         model, directory, extra={"encoder": encoder}, timm_fields=timm
     )

@@ -18,13 +18,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem the user can fix; the message is one line (line breaks in
-    values it quotes are escaped)."""
-
-    def __init__(self, message: object) -> None:
-        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+from mocov3.errors import ConfigError
 
 
 @dataclass
@@ -133,7 +127,7 @@ class TrainConfig:
     batch_size: int = 4096  # global batch
     seed: int = 0
     # auto: bf16 where it is fast (CUDA, CPUs with AVX-512-BF16/AMX), else fp32 (see
-    # engine/precision.py); bf16 | fp32 | fp16 (CUDA only, with a grad scaler)
+    # runtime/precision.py); bf16 | fp32 | fp16 (CUDA only, with a grad scaler)
     precision: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch intra-op threads; None: leave torch's default
@@ -148,7 +142,7 @@ class TrainConfig:
     channels_last: bool = False  # NHWC memory layout for convolutional backbones (ResNet)
     compile: bool = False  # torch.compile the backbones (1-2 min to compile; ~8% on CPU)
     dist_timeout_minutes: float = 30.0  # how long a process waits for the others (DDP)
-    # size the run to wall-clock minutes, evaluation included (engine/budget.py): the step
+    # size the run to wall-clock minutes, evaluation included (train/budget.py): the step
     # count is measured, train.epochs then only sets the warmup's share (warmup_epochs/epochs)
     budget_minutes: float | None = None
 
@@ -171,7 +165,7 @@ class EvalConfig:
 @dataclass
 class StabilityConfig:
     """The gradient monitor and instability detector (paper Sec. 5, Fig. 4; see
-    engine/stability.py). Norms come from the step's own gradients: no extra backward."""
+    train/stability.py). Norms come from the step's own gradients: no extra backward."""
 
     grad_norms: bool = True  # per-group gradient norms (patch projection, blocks, heads)
     grad_every: int = 1  # steps between gradient-norm records in metrics.jsonl

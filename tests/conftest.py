@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from mocov3.config import load_config
-from mocov3.engine.train import pretrain
+from mocov3.train.trainer import pretrain
 
 
 @pytest.fixture(scope="session")

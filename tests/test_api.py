@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 import mocov3
 from mocov3.config import load_config
-from mocov3.engine.checkpoint import CheckpointError, save_checkpoint
-from mocov3.interop.pretrained import ExportError
+from mocov3.errors import CheckpointError, ExportError
 from mocov3.models.moco import MoCo
+from mocov3.runtime.checkpoint import save_checkpoint
 
 
 def _checkpoint(tmp_path: Path) -> Path:

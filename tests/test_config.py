@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from mocov3.cli import main
-from mocov3.config import Config, ConfigError, load_config
+from mocov3.config import Config, load_config
+from mocov3.errors import ConfigError
 
 PRESETS = sorted(Path("configs").glob("*.yaml"))
 

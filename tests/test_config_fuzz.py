@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mocov3.config import Config, ConfigError, config_from_dict, load_config
-from mocov3.data.datasets import DatasetError, load_folder
+from mocov3.config import Config, config_from_dict, load_config
+from mocov3.data.datasets import load_folder
+from mocov3.errors import ConfigError, DatasetError
 
 SECTIONS = list(Config().to_dict())
 KNOWN_KEYS = [f"{section}.{key}" for section, keys in Config().to_dict().items() for key in keys]

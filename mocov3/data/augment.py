@@ -40,7 +40,7 @@ and contrast still apply, the contrast mean being the image's own mean. Their ra
 are still drawn, so a grey and an RGB run see the same crops, flips and factors.
 
 Throughput, batch 256, both views, default recipe (best of 5 runs of 10 batches;
-``python -m mocov3.data.augment`` re-measures):
+``python benchmarks/augment_throughput.py`` re-measures):
 
 * 2 CPU cores (shared with other jobs, so +-25%), torch 2.14: 28x28 grey ~26,600 img/s
   (1 thread ~23,700); 32x32 RGB ~6,400 img/s (1 thread ~5,500). Hue (HSV round trip) and
@@ -59,76 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from mocov3.config import AugmentConfig
-
-# ----------------------------------------------------------------------------- hashing
-
-_MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's Weyl increment (2**64 / golden ratio)
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
-
-
-def _signed64(value: int) -> int:
-    """An unsigned 64-bit constant as the int64 with the same bits (torch has no uint64 math)."""
-    value &= _MASK64
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _shift_right_logical(x: torch.Tensor, shift: int) -> torch.Tensor:
-    """``x >>> shift`` on int64: torch's ``>>`` is arithmetic, so clear the sign-extended bits."""
-    return (x >> shift) & ((1 << (64 - shift)) - 1)
-
-
-def _mix64(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser: a bijection on 64-bit words with full avalanche.
-
-    int64 multiplication wraps modulo 2**64 in torch, which is exactly the unsigned product's
-    low 64 bits, so the signed tensors carry the unsigned algorithm bit for bit.
-    """
-    x = (x ^ _shift_right_logical(x, 30)) * _signed64(_MIX1)
-    x = (x ^ _shift_right_logical(x, 27)) * _signed64(_MIX2)
-    return x ^ _shift_right_logical(x, 31)
-
-
-def sample_keys(seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
-    """int64 per-sample keys derived from (seed, epoch, dataset index) by an integer hash.
-
-    Every sample's augmentation randomness depends only on these three numbers, so the same
-    sample gets the same crops whether trained on 1 or N processes, whatever batch it lands in.
-    Each step adds the Weyl constant before mixing because ``_mix64(0) == 0``.
-    """
-    indices = torch.as_tensor(indices).to(torch.int64)
-    head = torch.tensor(_signed64(seed + _GOLDEN), dtype=torch.int64, device=indices.device)
-    head = _mix64(head)
-    head = _mix64(head + _signed64(epoch + _GOLDEN))
-    return _mix64(head + indices + _signed64(_GOLDEN))
-
-
-def counter_uniform(keys: torch.Tensor, stream: int) -> torch.Tensor:
-    """float32 uniforms in [0, 1), one per key: the ``stream``-th splitmix64 output from ``key``.
-
-    splitmix64 seeded with ``key`` emits ``mix(key + n * golden)`` as its n-th number, so stream
-    n is a counter into that generator: streams look independent, and the whole batch is hashed
-    at once on the keys' device. The top 24 bits give an exact float32 in [0, 1).
-    """
-    return counter_uniforms(keys, [stream])[:, 0]
-
-
-def counter_uniforms(keys: torch.Tensor, streams: Sequence[int]) -> torch.Tensor:
-    """[B, len(streams)] uniforms; column j equals ``counter_uniform(keys, streams[j])``.
-
-    Hashing all the streams a view needs in one call keeps the per-op overhead of ~10 tiny
-    int64 kernels per stream from dominating on CPU.
-    """
-    keys = keys.to(torch.int64)
-    offsets = torch.tensor(
-        [_signed64((stream + 1) * _GOLDEN) for stream in streams],
-        dtype=torch.int64,
-        device=keys.device,
-    )
-    bits = _shift_right_logical(_mix64(keys.unsqueeze(1) + offsets), 40)
-    return bits.to(torch.float32) * (1.0 / (1 << 24))
-
+from mocov3.data.counters import counter_uniform, counter_uniforms
 
 # ----------------------------------------------------------------------------- streams
 
@@ -148,7 +79,8 @@ _STREAM_BLUR = 43
 _STREAM_SIGMA = 44
 _STREAM_SOLARIZE = 45
 STREAMS_PER_VIEW = 64
-_FIRST_STREAM, _LAST_STREAM = _STREAM_FLIP, _STREAM_SOLARIZE  # drawn in one batch
+_FIRST_STREAM, _LAST_STREAM = _STREAM_JITTER, _STREAM_SOLARIZE  # drawn in one batch
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect-ratio range
 
 
 # ----------------------------------------------------------------------------- crop + flip
@@ -245,6 +177,57 @@ def resized_crop_flip(
         dim=-1,
     )
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def random_resized_crop_flip(
+    images: torch.Tensor,
+    keys: torch.Tensor,
+    out_size: int,
+    scale: Sequence[float],
+    ratio: Sequence[float] = CROP_RATIO,
+    flip_p: float = 0.5,
+    stream_base: int = 0,
+) -> torch.Tensor:
+    """``RandomResizedCrop(out_size, scale, ratio)`` then ``RandomHorizontalFlip(flip_p)`` of
+    a float batch in [0, 1], each sample's box and flip drawn from its key: the crop from
+    streams ``stream_base + 0..21``, the flip from ``stream_base + 32`` (view 0's streams
+    when ``stream_base`` is 0)."""
+    boxes = sample_crop_boxes(
+        keys, stream_base + _STREAM_CROP, images.shape[2], images.shape[3], scale, ratio
+    )
+    flip = counter_uniform(keys, stream_base + _STREAM_FLIP) < flip_p
+    return resized_crop_flip(images, boxes, flip, out_size)
+
+
+def normalize(
+    images: torch.Tensor, mean: Sequence[float], std: Sequence[float], inplace: bool = False
+) -> torch.Tensor:
+    """``(x - mean) / std`` per channel in float32: uint8 images are first scaled to [0, 1]
+    (ToTensor, then Normalize); float images must already be in [0, 1]. ``inplace``
+    overwrites a float input instead of allocating the result."""
+    shape = (1, len(mean), 1, 1)
+    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(shape)
+    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(shape)
+    if images.dtype == torch.uint8:
+        images, inplace = images.float().div_(255.0), True
+    if inplace:
+        return images.sub_(mean_t).div_(std_t)
+    return (images - mean_t) / std_t
+
+
+def crop_flip_views(
+    images: torch.Tensor,
+    keys: torch.Tensor,
+    scale: Sequence[float],
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
+    """One view of each uint8 image: random resized crop (area ``scale``) and flip (p 0.5)
+    at the input's size, normalised. The linear probe's and fine-tuning's augmentation:
+    pretraining's view 0 without the colour operations."""
+    keys = keys.to(device=images.device, dtype=torch.int64)
+    x = images.float().div_(255.0)
+    return normalize(random_resized_crop_flip(x, keys, images.shape[-1], scale), mean, std, True)
 
 
 # ----------------------------------------------------------------------------- colour
@@ -508,10 +491,9 @@ class TwoViewAugment:
         draws = _Draws(keys, base)
         x = torch.div(images.to(torch.float32), 255.0)  # ToTensor's [0, 1] range, a new tensor
 
-        boxes = sample_crop_boxes(
-            keys, base + _STREAM_CROP, x.shape[2], x.shape[3], cfg.crop_scale, cfg.crop_ratio
+        x = random_resized_crop_flip(
+            x, keys, self.output_size, cfg.crop_scale, cfg.crop_ratio, cfg.flip_p, base
         )
-        x = resized_crop_flip(x, boxes, draws(_STREAM_FLIP) < cfg.flip_p, self.output_size)
         x = color_jitter(x, *self._jitter_params(draws), dense=dense)
         if x.shape[1] == 3:  # grayscale is the identity on a grey image
             gray = draws(_STREAM_GRAYSCALE) < cfg.grayscale_p
@@ -522,7 +504,7 @@ class TwoViewAugment:
         x = masked_apply(x, blur, lambda v, idx: gaussian_blur(v, sigma[idx], radius), dense)
         solar = draws(_STREAM_SOLARIZE) < cfg.solarize_p[view_index]
         x = masked_apply(x, solar, lambda v, _: solarize(v), dense)
-        return self._normalize(x)
+        return normalize(x, self.mean, self.std, inplace=True)
 
     def jitter_params(
         self, keys: torch.Tensor, view_index: int
@@ -548,12 +530,6 @@ class TwoViewAugment:
         )
         return apply, order, factors
 
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, len(self.mean), 1, 1)
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(shape)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(shape)
-        return x.sub_(mean).div_(std)
-
 
 class _Draws:
     """One view's non-crop uniforms, hashed in one batch; ``draws(stream)`` is a [B] column."""
@@ -570,25 +546,3 @@ class _Draws:
 
     def between(self, stream: int, low: float, high: float) -> torch.Tensor:
         return low + (high - low) * self(stream)
-
-
-def _benchmark(batch: int = 256, repeats: int = 10) -> None:
-    """Print img/s (both views) for 28x28 grey and 32x32 RGB batches on the CPU."""
-    import time
-
-    for channels, size in ((1, 28), (3, 32)):
-        augment = TwoViewAugment(AugmentConfig(), size, [0.5] * channels, [0.25] * channels)
-        images = torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8)
-        keys = sample_keys(0, 0, torch.arange(batch))
-        augment(images, keys)  # warm-up
-        best = 0.0
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(repeats):
-                augment(images, keys)
-            best = max(best, batch * repeats / (time.perf_counter() - start))
-        print(f"{channels}x{size}x{size}: {best:,.0f} img/s (both views, batch {batch})")
-
-
-if __name__ == "__main__":
-    _benchmark()

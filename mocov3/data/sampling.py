@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from mocov3.config import ConfigError
+from mocov3.errors import ConfigError
 
 
 def epoch_order(seed: int, epoch: int, num_images: int) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""``mocov3 embed``: backbone features of a folder of images or of a dataset split, saved
-as a safetensors file.
+"""Backbone features of a folder of images or of a dataset split, saved as a safetensors
+file (``mocov3 embed``).
 
 The file holds ``features`` (float32 ``[N, D]``, the backbone output, i.e. the class token
 after the final LayerNorm) and, for labelled data, ``labels`` (int64 ``[N]``). Its metadata
@@ -8,38 +8,30 @@ dataset's own file names for folder data, ``split/index`` otherwise), ``classes`
 list, labelled data only), ``encoder``, ``checkpoint``, ``image_size``, ``channels``,
 ``source`` and ``precision``. :func:`load_embeddings` reads such a file back.
 
-Images are decoded exactly as folder data is for training (same modes, shorter side to
-``data.image_size``, centre crop, channel count of the checkpoint) and normalised with the
-mean/std stored in the checkpoint, i.e. the statistics the backbone was trained with.
+Images are decoded by the decoder training uses (:mod:`mocov3.data.decode`: same modes,
+shorter side to ``data.image_size``, centre crop, the checkpoint's channel count) and
+normalised with the mean/std stored in the checkpoint, i.e. the statistics the backbone
+was trained with.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mocov3.config import Config
-from mocov3.data.datasets import (
-    IMAGE_EXTENSIONS,
-    DatasetError,
-    _check_bad,
-    _decode_all,
-    _stack,
-    _walk_images,
-    load_split,
-)
-from mocov3.engine.precision import cpu_bf16_is_fast, resolve_precision
-from mocov3.eval.common import LoadedRun, add_data_args, data_overrides, open_checkpoint
+from mocov3.data.datasets import load_image_files, load_split
+from mocov3.data.folders import IMAGE_EXTENSIONS, walk_images
+from mocov3.errors import DatasetError
 from mocov3.eval.knn import extract_features
-
-__all__ = ["EmbedInput", "embed_images", "eval_precision", "load_embeddings", "read_image_folder"]
+from mocov3.models.checkpoint import LoadedRun
+from mocov3.runtime.precision import eval_precision
 
 
 @dataclass
@@ -54,42 +46,20 @@ class EmbedInput:
     skipped: int = 0
 
 
-def eval_precision(config: Config, device: torch.device) -> str:
-    """The checkpoint's precision, made safe for ``device``: fp16 only on CUDA, and bf16 on a
-    CPU only where it is fast (a GPU-trained checkpoint's bf16 would run 20-100x slower on a
-    CPU that emulates it)."""
-    precision = config.train.precision
-    if precision == "fp16" and device.type != "cuda":
-        precision = "auto"
-    if precision == "bf16" and device.type == "cpu" and not cpu_bf16_is_fast():
-        precision = "fp32"
-    return resolve_precision(precision, device)
-
-
 def read_image_folder(folder: str | Path, image_size: int, channels: int) -> EmbedInput:
     """Every image file under ``folder`` (recursively, sorted, hidden entries skipped),
     decoded as folder data is; unreadable files are skipped and counted."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist: pass --images FOLDER")
-    files = list(_walk_images(root))
+    files = list(walk_images(root))
     if not files:
         raise DatasetError(
             f"{root} holds no images ({' '.join(sorted(IMAGE_EXTENSIONS))}): check --images"
         )
-    mode = {1: "L", 3: "RGB"}[channels]
-    decoded = _decode_all(files, image_size, mode)
-    bad = [(p, r) for p, r in zip(files, decoded, strict=True) if isinstance(r, str)]
-    _check_bad(bad, len(files), root, strict=False)
-    good = [(p, r) for p, r in zip(files, decoded, strict=True) if not isinstance(r, str)]
-    return EmbedInput(
-        images=_stack([r for _, r in good], channels),
-        names=[p.relative_to(root).as_posix() for p, _ in good],
-        labels=None,
-        classes=[],
-        source=f"images:{root}",
-        skipped=len(bad),
-    )
+    ds = load_image_files(root, files, image_size, channels)
+    names = ds.names or []
+    return EmbedInput(ds.images, names, None, [], f"images:{root}", ds.skipped)
 
 
 def read_split(config: Config, split: str, channels: int) -> EmbedInput:
@@ -136,7 +106,7 @@ def embed_images(
         std,
         device,
         run.config.eval.batch_size,
-        eval_precision(run.config, device),
+        eval_precision(run.config.train.precision, device),
     )
 
 
@@ -173,69 +143,40 @@ def load_embeddings(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None
     return features, labels, names
 
 
-def run_embed(args: argparse.Namespace) -> dict[str, object]:
-    """Do the work of ``mocov3 embed``; return the result line's fields."""
-    from mocov3.engine.train import resolve_device
-
-    run = open_checkpoint(args.checkpoint, [*data_overrides(args), *args.set])
+def embed(
+    run: LoadedRun,
+    out: str | Path,
+    device: torch.device,
+    images: str | Path | None = None,
+    split: str = "train",
+    encoder: str = "query",
+) -> dict[str, Any]:
+    """Embed the image folder ``images`` (every file under it), or else ``split`` of the
+    checkpoint's data, with the ``encoder`` backbone; write ``out``; return what the
+    command reports."""
     config = run.config
-    channels = int(run.state["in_chans"])
-    if args.images:
-        inputs = read_image_folder(args.images, config.data.image_size, channels)
+    channels = run.in_chans
+    if images:
+        inputs = read_image_folder(images, config.data.image_size, channels)
     else:
-        inputs = read_split(config, args.split, channels)
-    if inputs.skipped:
-        print(f"skipped {inputs.skipped} unreadable image file(s)", file=sys.stderr)
-    device = resolve_device(args.device or config.train.device)
-    features = embed_images(run, inputs, args.encoder, device)
+        inputs = read_split(config, split, channels)
+    features = embed_images(run, inputs, encoder, device)
     metadata = {
-        "encoder": args.encoder,
+        "encoder": encoder,
         "checkpoint": str(run.path),
         "image_size": str(config.data.image_size),
         "channels": str(channels),
         "source": inputs.source,
-        "precision": eval_precision(config, device),
+        "precision": eval_precision(config.train.precision, device),
     }
     if inputs.labels is not None:
         metadata["classes"] = json.dumps(inputs.classes)
-    out = save_embeddings(args.out, features, inputs.labels, inputs.names, metadata)
+    written = save_embeddings(out, features, inputs.labels, inputs.names, metadata)
     return {
-        "out": str(out),
+        "out": str(written),
         "count": int(features.shape[0]),
         "dim": int(features.shape[1]),
         "labelled": inputs.labels is not None,
         "skipped": inputs.skipped,
-        "encoder": args.encoder,
+        "encoder": encoder,
     }
-
-
-def cmd_embed(args: argparse.Namespace) -> int:
-    print(json.dumps(run_embed(args)))
-    return 0
-
-
-def register(commands: argparse._SubParsersAction) -> None:
-    """Add ``mocov3 embed``."""
-    parser = commands.add_parser(
-        "embed",
-        help="save backbone features of images or a dataset split (safetensors)",
-        description="Backbone features of a folder of images (--images) or of a split of the "
-        "checkpoint's data, saved as safetensors: 'features' [N, D], 'labels' when "
-        "labelled, file names in the metadata.",
-    )
-    parser.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt (or its dir)")
-    parser.add_argument("--out", required=True, help="output file, e.g. features.safetensors")
-    parser.add_argument(
-        "--images", help="embed every image under this folder (recursively) instead of a split"
-    )
-    parser.add_argument(
-        "--split",
-        choices=("train", "test"),
-        default="train",
-        help="dataset split to embed (default train; data.subset applies to it)",
-    )
-    parser.add_argument("--encoder", choices=("query", "momentum"), default="query")
-    add_data_args(parser)
-    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.set_defaults(handler=cmd_embed)

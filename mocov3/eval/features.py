@@ -74,3 +74,16 @@ class ProbeFeatures(nn.Module):
         if self.kind == "last4+avgpool":
             features.append(blocks[-1][:, 1:].mean(dim=1))
         return torch.cat(features, dim=-1)
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter and buffer, to prove later that nothing changed."""
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def unchanged(module: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    """True when every tensor of ``module`` equals its snapshot bit for bit."""
+    after = module.state_dict()
+    return after.keys() == before.keys() and all(
+        torch.equal(after[name].detach().cpu(), before[name].cpu()) for name in before
+    )

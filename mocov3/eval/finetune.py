@@ -39,58 +39,46 @@ reports its lr as 5e-4 per 512 images), 100-300 epochs.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from mocov3.config import ConfigError, is_resnet_arch
-from mocov3.data.augment import counter_uniform, resized_crop_flip, sample_crop_boxes, sample_keys
-from mocov3.data.datasets import DatasetError, ImageDataset
+from mocov3.config import is_resnet_arch
+from mocov3.data.augment import crop_flip_views, normalize
+from mocov3.data.counters import sample_keys
+from mocov3.data.images import ImageDataset
 from mocov3.data.sampling import epoch_order
-from mocov3.engine.precision import autocast_context, resolve_precision
-from mocov3.engine.schedules import scaled_lr, warmup_cosine
-from mocov3.engine.train import (
-    TrainingError,
-    check_precision,
-    load_data,
-    resolve_device,
-    seed_everything,
-)
-from mocov3.eval.common import LoadedRun, add_data_args, data_overrides, open_checkpoint
-from mocov3.eval.knn import normalize_images
+from mocov3.data.sources import load_data
+from mocov3.errors import ConfigError, DatasetError, TrainingError
+from mocov3.models.checkpoint import LoadedRun
 from mocov3.models.moco import build_backbone, feature_dim
 from mocov3.models.resnet import is_resnet
 from mocov3.models.vit import DropPath
+from mocov3.optim.schedules import scaled_lr, warmup_cosine
+from mocov3.runtime.device import seed_everything
+from mocov3.runtime.precision import autocast_context, check_precision, resolve_precision
 
-# Stream ids of the fine-tuning augmentation (one view; same layout as the pretraining view
-# 0: 22 crop streams from 0, the flip at 32).
-_STREAM_CROP = 0
-_STREAM_FLIP = 32
-_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _HEAD_INIT_STD = 2e-5  # MAE's fine-tuning head init (trunc normal), bias zero
 
 # Config keys ``--set`` may change. Everything else the fine-tuning recipe takes from its
 # own flags; accepting e.g. optim.base_lr and then ignoring it would be a silent no-op.
-_SETTABLE_PREFIXES = ("data.",)
-_SETTABLE_KEYS = (
+SETTABLE_PREFIXES = ("data.",)
+SETTABLE_KEYS = (
     "train.precision",
     "train.device",
     "train.threads",
     "eval.batch_size",
     "eval.test_subset",
 )
-_FLAG_FOR_KEY = {
+FLAG_FOR_KEY = {
     "train.epochs": "--epochs",
     "train.batch_size": "--batch-size",
     "train.seed": "--seed",
@@ -277,25 +265,6 @@ def build_model(run: LoadedRun, num_classes: int, settings: FineTuneSettings) ->
 # ----------------------------------------------------------------------------- data
 
 
-def augment_batch(
-    images: torch.Tensor,
-    keys: torch.Tensor,
-    crop_min: float,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> torch.Tensor:
-    """RandomResizedCrop(scale (crop_min, 1), ratio (3/4, 4/3)) + flip (p 0.5) of a uint8
-    batch on its own device, back at the input size, normalised with ``mean``/``std``."""
-    keys = keys.to(device=images.device, dtype=torch.int64)
-    height, width = images.shape[2], images.shape[3]
-    boxes = sample_crop_boxes(keys, _STREAM_CROP, height, width, (crop_min, 1.0), _CROP_RATIO)
-    flip = counter_uniform(keys, _STREAM_FLIP) < 0.5
-    x = resized_crop_flip(images.float().div_(255.0), boxes, flip, height)
-    mean_t = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    return x.sub_(mean_t).div_(std_t)
-
-
 def _labelled_splits(run: LoadedRun) -> tuple[ImageDataset, ImageDataset, int]:
     config = run.config
     train_set, test_set = load_data(config)
@@ -339,7 +308,7 @@ def evaluate(
             images = dataset.images[start : start + batch_size].to(device)
             labels = dataset.labels[start : start + batch_size].to(device)
             with autocast_context(device, precision):
-                logits = model(normalize_images(images, mean, std))
+                logits = model(normalize(images, mean, std))
             correct += int((logits.argmax(dim=1) == labels).sum())
     finally:
         model.train(was_training)
@@ -394,7 +363,7 @@ def finetune(
         images = train_set.images[indices].to(device, non_blocking=True)
         labels = train_set.labels[indices].to(device, non_blocking=True)
         keys = sample_keys(settings.seed, epoch, indices)
-        x = augment_batch(images, keys, settings.crop_min, mean, std)
+        x = crop_flip_views(images, keys, (settings.crop_min, 1.0), mean, std)
         for group in optimizer.param_groups:
             group["lr"] = float(lr[step]) * group["lr_scale"]
         with autocast_context(device, precision):
@@ -439,133 +408,21 @@ def finetune(
     return result, model
 
 
-# ----------------------------------------------------------------------------- command
-
-
-def _check_overrides(overrides: Sequence[str]) -> None:
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Refuse ``--set`` keys the recipe does not read (or takes from its own flags)."""
     for text in overrides:
         key = text.split("=", 1)[0].strip()
-        if key.startswith(_SETTABLE_PREFIXES) or key in _SETTABLE_KEYS:
+        if key.startswith(SETTABLE_PREFIXES) or key in SETTABLE_KEYS:
             continue
-        if key in _FLAG_FOR_KEY:
-            raise ConfigError(f"finetune takes {key} from {_FLAG_FOR_KEY[key]}, not --set")
+        if key in FLAG_FOR_KEY:
+            raise ConfigError(f"finetune takes {key} from {FLAG_FOR_KEY[key]}, not --set")
         raise ConfigError(
             f"finetune does not read config key '{key}' (--set accepts data.*, "
-            f"{', '.join(_SETTABLE_KEYS)})"
+            f"{', '.join(SETTABLE_KEYS)})"
         )
 
 
-def _drop_path(flag: float | None, run: LoadedRun) -> float:
-    """``--drop-path``, or its default: 0.1 for a ViT, 0 for a ResNet (it has none)."""
-    if flag is not None:
-        return flag
+def default_drop_path(run: LoadedRun) -> float:
+    """The drop-path default for the checkpoint's backbone: 0.1 for a ViT, 0 for a ResNet
+    (it has none)."""
     return 0.0 if is_resnet_arch(run.config.model.arch) else FineTuneSettings().drop_path
-
-
-def cmd_finetune(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
-    if args.from_scratch and args.encoder is not None:
-        raise ConfigError(
-            "--encoder picks the pretrained weights; it means nothing with --from-scratch"
-        )
-    _check_overrides(args.set)
-    run = open_checkpoint(args.checkpoint, [*args.set, *data_overrides(args)])
-    device = resolve_device(args.device or run.config.train.device)
-    settings = FineTuneSettings(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        base_lr=args.lr,
-        layer_decay=args.layer_decay,
-        weight_decay=args.weight_decay,
-        drop_path=_drop_path(args.drop_path, run),
-        label_smoothing=args.label_smoothing,
-        warmup_epochs=args.warmup_epochs,
-        crop_min=args.crop_min,
-        seed=args.seed,
-        from_scratch=args.from_scratch,
-        encoder=args.encoder or "query",
-    )
-    result, _ = finetune(run, settings, device)
-    result["wall_seconds"] = round(time.perf_counter() - started, 1)
-    name = "scratch.json" if settings.from_scratch else "finetune.json"
-    out = Path(run.run_dir) / name
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}", file=sys.stderr)
-    print(json.dumps(result))
-    return 0
-
-
-def register(commands: argparse._SubParsersAction) -> None:
-    """Add ``mocov3 finetune``."""
-    d = FineTuneSettings()
-    p = commands.add_parser(
-        "finetune",
-        help="fine-tune the whole network (or, --from-scratch, train it from random init)",
-        description="DeiT-style end-to-end fine-tuning: AdamW, layer-wise lr decay, drop "
-        "path, label smoothing, RandomResizedCrop + flip. Prints one JSON line "
-        "(finetune_top1 or scratch_top1) and writes finetune.json / scratch.json beside the "
-        "checkpoint.",
-    )
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        help="a run's checkpoint.pt (or the run directory); --from-scratch uses "
-        "its architecture and data only",
-    )
-    p.add_argument(
-        "--from-scratch",
-        action="store_true",
-        help="same architecture and recipe from random init (the baseline)",
-    )
-    p.add_argument(
-        "--encoder",
-        choices=("query", "momentum"),
-        default=None,
-        help="pretrained backbone to start from (default query)",
-    )
-    p.add_argument("--epochs", type=float, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument(
-        "--lr",
-        type=float,
-        default=d.base_lr,
-        help=f"base lr; the lr is base * batch / 256 (default {d.base_lr})",
-    )
-    p.add_argument(
-        "--layer-decay",
-        type=float,
-        default=d.layer_decay,
-        help=f"layer-wise lr decay (default {d.layer_decay}; 1 turns it off)",
-    )
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument(
-        "--drop-path",
-        type=float,
-        default=None,
-        help=f"stochastic depth rate of the last block (default {d.drop_path}; 0 for ResNet)",
-    )
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
-    p.add_argument(
-        "--crop-min",
-        type=float,
-        default=d.crop_min,
-        help=f"RandomResizedCrop scale lower bound (default {d.crop_min}: flip only)",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=d.seed,
-        help="data order, augmentation, drop path, head init (and the scratch init)",
-    )
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default train.device)")
-    add_data_args(p)
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config overrides: data.*, train.precision|device|threads, "
-        "eval.batch_size|test_subset",
-    )
-    p.set_defaults(handler=cmd_finetune)

@@ -13,21 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mocov3.engine.precision import autocast_context
-
-
-def normalize_images(
-    images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
-    """uint8 ``[B, C, H, W]`` -> float32 standardised with per-channel mean/std."""
-    return standardize(images.float() / 255.0, mean, std)
-
-
-def standardize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """float ``[B, C, H, W]`` in [0, 1] -> standardised with per-channel mean/std."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images - mean_t) / std_t
+from mocov3.config import Config
+from mocov3.data.augment import normalize
+from mocov3.data.images import ImageDataset
+from mocov3.runtime.precision import autocast_context
 
 
 @torch.no_grad()
@@ -46,7 +35,7 @@ def extract_features(
     chunks = []
     try:
         for start in range(0, images.shape[0], batch_size):
-            batch = normalize_images(images[start : start + batch_size].to(device), mean, std)
+            batch = normalize(images[start : start + batch_size].to(device), mean, std)
             with autocast_context(device, precision):
                 chunks.append(backbone(batch).float().cpu())
     finally:
@@ -96,3 +85,43 @@ def knn_accuracy(
         train_features, train_labels, test_features, ks, temperature, num_classes
     )
     return {k: 100.0 * (p == test_labels).float().mean().item() for k, p in predicted.items()}
+
+
+def evaluate_knn(
+    backbone: nn.Module,
+    train_set: ImageDataset,
+    test_set: ImageDataset,
+    config: Config,
+    device: torch.device,
+    raw_pixels: bool = False,
+    sizes: tuple[int | None, int | None] | None = None,
+) -> dict[str, float]:
+    """Weighted kNN top-1 (%) for every k in ``config.eval.knn_k``: train split as memory.
+
+    ``raw_pixels``: the baseline on pixel values in [0, 1] (pass ``nn.Flatten()`` as the
+    backbone); no standardisation, which would change the cosine similarities.
+    ``sizes``: (memory, queries) subset sizes; default ``eval.train_subset/test_subset``.
+    """
+    ev = config.eval
+    memory_size, query_size = sizes or (ev.train_subset, ev.test_subset)
+    memory = train_set.subset(memory_size) if memory_size else train_set
+    queries = test_set.subset(query_size) if query_size else test_set
+    channels = train_set.channels
+    mean, std = (
+        ((0.0,) * channels, (1.0,) * channels) if raw_pixels else (train_set.mean, train_set.std)
+    )
+    args = (mean, std, device, ev.batch_size, config.train.precision)
+    train_features = extract_features(backbone, memory.images, *args)
+    test_features = extract_features(backbone, queries.images, *args)
+    accuracy = knn_accuracy(
+        train_features,
+        memory.labels,
+        test_features,
+        queries.labels,
+        ev.knn_k,
+        ev.knn_temperature,
+    )
+    results = {f"knn_top1_k{k}": round(value, 2) for k, value in accuracy.items()}
+    results["knn_top1"] = results[f"knn_top1_k{ev.knn_k[0]}"]
+    results.update(train_images=len(memory), test_images=len(queries))
+    return results

@@ -37,10 +37,7 @@ comparison.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,26 +47,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mocov3.data.augment import counter_uniform, resized_crop_flip, sample_crop_boxes, sample_keys
-from mocov3.engine.precision import autocast_context
-from mocov3.eval.common import (
-    LoadedRun,
-    add_data_args,
-    data_overrides,
-    open_checkpoint,
-    snapshot,
-    unchanged,
-)
-from mocov3.eval.features import FEATURE_KINDS, ProbeFeatures
-from mocov3.eval.knn import extract_features, standardize
+from mocov3.data.augment import crop_flip_views
+from mocov3.data.counters import sample_keys
+from mocov3.data.images import ImageDataset
+from mocov3.data.sources import load_data
+from mocov3.errors import ConfigError, DatasetError
+from mocov3.eval.features import ProbeFeatures, snapshot, unchanged
+from mocov3.eval.knn import extract_features
+from mocov3.models.checkpoint import LoadedRun
+from mocov3.runtime.device import resolve_device
+from mocov3.runtime.precision import autocast_context, eval_precision
 
 MOMENTUM = 0.9
 INIT_STD = 0.01  # the reference initialises the classifier weight with N(0, 0.01), bias 0
 DEFAULT_LRS_BN = (0.03, 0.1, 0.3, 1.0, 3.0)  # base lrs (x batch / 256) with the BatchNorm
 DEFAULT_LRS_NO_BN = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # base lrs without it
 AUG_SCALE = (0.08, 1.0)  # RandomResizedCrop of the reference probe
-AUG_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-_AUG_FLIP_STREAM = 32  # counter stream of the flip decision (crop boxes use streams 0..21)
 
 
 # ----------------------------------------------------------------------------- classifiers
@@ -315,15 +308,11 @@ def augmented_features(
     """
     was_training = backbone.training
     backbone.eval()
-    size = images.shape[-1]
     chunks = []
     try:
         for chunk in indices.split(batch_size):
-            x = images[chunk].to(device).float() / 255.0
-            keys = sample_keys(seed, epoch, chunk).to(device)
-            boxes = sample_crop_boxes(keys, 0, x.shape[2], x.shape[3], crop_scale, AUG_RATIO)
-            flip = counter_uniform(keys, _AUG_FLIP_STREAM) < 0.5
-            x = standardize(resized_crop_flip(x, boxes, flip, size), mean, std)
+            keys = sample_keys(seed, epoch, chunk)
+            x = crop_flip_views(images[chunk].to(device), keys, crop_scale, mean, std)
             with autocast_context(device, precision):
                 chunks.append(backbone(x).float().cpu())
     finally:
@@ -333,8 +322,8 @@ def augmented_features(
 
 def probe_backbone(
     backbone: nn.Module,
-    train_set: Any,
-    test_set: Any,
+    train_set: ImageDataset,
+    test_set: ImageDataset,
     lrs: Sequence[float],
     device: torch.device,
     precision: str = "fp32",
@@ -391,7 +380,7 @@ def result_file_name(features: str, augmented: bool = False) -> str:
 class ProbeSettings:
     """How :func:`probe_run` probes a checkpoint: the ``mocov3 linear`` options (its
     defaults are the paper's recipe, with the BatchNorm) and the ``linear:`` block of a
-    study (:mod:`mocov3.study`) both become one of these."""
+    study (:mod:`mocov3.tools.study`) both become one of these."""
 
     base_lrs: tuple[float, ...] = DEFAULT_LRS_BN  # each scaled by batch_size / 256
     epochs: int = 90
@@ -407,8 +396,6 @@ class ProbeSettings:
 
     def check(self) -> None:
         """Raise ConfigError, in one line naming the option, for a value that cannot work."""
-        from mocov3.config import ConfigError
-
         lrs = self.base_lrs
         if not lrs or any(not math.isfinite(lr) or lr <= 0 for lr in lrs):
             raise ConfigError(f"--lrs must be positive, got {list(lrs)}")
@@ -440,10 +427,6 @@ def probe_run(run: LoadedRun, settings: ProbeSettings) -> dict[str, Any]:
     overrides applied; ``eval.test_subset`` honoured) and return the summary that ``mocov3
     linear`` writes: test top-1 of the classifier chosen on the held-out part, the chosen
     *base* lr, every lr's val top-1, and whether the backbone stayed unchanged."""
-    from mocov3.config import ConfigError
-    from mocov3.data.datasets import DatasetError
-    from mocov3.engine.train import load_data, resolve_device
-
     started = time.perf_counter()
     settings.check()
     config = run.config
@@ -453,9 +436,7 @@ def probe_run(run: LoadedRun, settings: ProbeSettings) -> dict[str, Any]:
         raise ConfigError(str(error)) from error
     device = resolve_device(settings.device or config.train.device)
     features = features.to(device)
-    precision = config.train.precision
-    if precision == "fp16" and device.type != "cuda":
-        precision = "auto"  # a GPU run's checkpoint evaluated on a CPU
+    precision = eval_precision(config.train.precision, device)
     train_set, test_set = load_data(config)
     if train_set.labels is None or test_set is None:
         raise DatasetError(
@@ -511,100 +492,3 @@ def probe_run(run: LoadedRun, settings: ProbeSettings) -> dict[str, Any]:
         "test_images": len(test_set),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-
-
-def cmd_linear(args: argparse.Namespace) -> int:
-    batchnorm = not args.no_batchnorm
-    default_lrs = DEFAULT_LRS_BN if batchnorm else DEFAULT_LRS_NO_BN
-    settings = ProbeSettings(
-        base_lrs=tuple(args.lrs) if args.lrs else default_lrs,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        weight_decay=args.weight_decay,
-        val_fraction=args.val_fraction,
-        batchnorm=batchnorm,
-        augmented=args.augmented,
-        crop_scale=tuple(args.crop_scale) if args.crop_scale else None,
-        features=args.features,
-        encoder=args.encoder,
-        device=args.device,
-    )
-    settings.check()  # before the checkpoint is read
-    run = open_checkpoint(args.checkpoint, [*data_overrides(args), *args.set])
-    summary = probe_run(run, settings)
-    line = json.dumps(summary)
-    (run.run_dir / result_file_name(settings.features, settings.augmented)).write_text(line + "\n")
-    lrs = settings.base_lrs
-    if len(lrs) > 1 and summary["best_lr"] in (min(lrs), max(lrs)):
-        # the val optimum may lie beyond the sweep: say so rather than report it silently
-        print(
-            f"note: the best lr {summary['best_lr']} is at the edge of the sweep "
-            f"{sorted(lrs)}; widen --lrs past it to be sure it is the optimum",
-            file=sys.stderr,
-        )
-    print(line)
-    if not summary["backbone_unchanged"]:
-        print("error: a backbone tensor changed during linear probing", file=sys.stderr)
-        return 1
-    return 0
-
-
-def register(commands: argparse._SubParsersAction) -> None:
-    """Add the ``linear`` sub-command."""
-
-    parser = commands.add_parser(
-        "linear",
-        help="linear probe top-1 of a frozen checkpoint backbone (lr swept in one pass)",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt or its run directory")
-    add_data_args(parser)
-    parser.add_argument("--encoder", choices=("query", "momentum"), default="query")
-    parser.add_argument(
-        "--features",
-        choices=FEATURE_KINDS,
-        default="cls",
-        help="what the probe reads: the class token (the paper's probe, default), or, for "
-        "comparison with DINO-style results, the class token + mean patch token "
-        "(cls+avgpool), the class tokens of the last 4 blocks (last4), or those and the "
-        "last block's mean patch token (last4+avgpool)",
-    )
-    parser.add_argument(
-        "--lrs",
-        type=float,
-        nargs="+",
-        help="base lrs to sweep, each scaled by batch/256 (default "
-        f"{' '.join(map(str, DEFAULT_LRS_BN))}; without BatchNorm "
-        f"{' '.join(map(str, DEFAULT_LRS_NO_BN))})",
-    )
-    parser.add_argument("--epochs", type=int, default=90)
-    parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument(
-        "--no-batchnorm",
-        action="store_true",
-        help="drop the parameter-free BatchNorm before the classifier (the paper's ViT probe)",
-    )
-    parser.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.1,
-        help="part of the train split held out to choose the lr (default 0.1)",
-    )
-    parser.add_argument(
-        "--augmented",
-        action="store_true",
-        help="recompute features every epoch from RandomResizedCrop + flip views "
-        "(the reference probe; for GPUs, slow on a CPU)",
-    )
-    parser.add_argument(
-        "--crop-scale",
-        type=float,
-        nargs=2,
-        metavar=("LO", "HI"),
-        help=f"the augmented probe's crop area range (default {AUG_SCALE[0]} {AUG_SCALE[1]}, "
-        "the reference's; e.g. the pretraining preset's augment.crop_scale)",
-    )
-    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default train.device)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.set_defaults(handler=cmd_linear)

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mocov3.eval.common import LoadedRun, open_checkpoint
 from mocov3.interop.pretrained import (
     CARD_NAME,
     CONFIG_NAME,
@@ -20,6 +19,7 @@ from mocov3.interop.pretrained import (
     save_pretrained,
     timm_spec,
 )
+from mocov3.models.checkpoint import LoadedRun, open_checkpoint
 
 FORMATS = ("timm", "native")
 

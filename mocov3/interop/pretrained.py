@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mocov3 import __version__
-from mocov3.engine.checkpoint import CheckpointError
+from mocov3.errors import ExportError
+from mocov3.models.resnet import build_resnet
 from mocov3.models.vit import LAYER_NORM_EPS, VisionTransformer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -54,10 +55,6 @@ RESNET_LAYOUTS: dict[str, tuple[tuple[int, ...], bool]] = {
     "resnet50": ((3, 4, 6, 3), True),
     "resnet101": ((3, 4, 23, 3), True),
 }
-
-
-class ExportError(CheckpointError):
-    """A backbone or directory that cannot be exported or read back; one line with the fix."""
 
 
 # --------------------------------------------------------------------------- architecture
@@ -148,8 +145,6 @@ def build_from_architecture(arch: dict[str, Any]) -> nn.Module:
             mlp_norm=arch.get("mlp_norm", "layernorm"),  # files written before ViT-BN
         )
     if kind == "resnet":
-        from mocov3.models.resnet import build_resnet
-
         return build_resnet(
             arch["arch"],
             arch["in_chans"],

@@ -25,10 +25,11 @@ from typing import Any
 import torch
 
 from mocov3 import __version__
-from mocov3.config import VIT_SIZES, Config, ConfigError, apply_overrides
-from mocov3.engine.checkpoint import CheckpointError, load_weights_only, save_checkpoint
+from mocov3.config import VIT_SIZES, Config, apply_overrides
+from mocov3.errors import CheckpointError, ConfigError
 from mocov3.models.moco import build_backbone, build_moco
 from mocov3.models.vit import sincos_position_table
+from mocov3.runtime.checkpoint import load_weights_only, save_checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mocov3.engine.distributed import differentiable_sum, is_distributed, rank_and_world
+from mocov3.runtime.distributed import differentiable_sum, is_distributed, rank_and_world
 
 
 class _GlobalBatchStats:

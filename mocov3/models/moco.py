@@ -15,12 +15,14 @@ import copy
 import torch
 from torch import nn
 
-from mocov3.config import Config, ConfigError, is_resnet_arch, resolve_model_dims
-from mocov3.engine.checkpoint import CheckpointError
-from mocov3.losses import contrastive_loss
+from mocov3.config import Config, is_resnet_arch, resolve_model_dims
+from mocov3.errors import CheckpointError, ConfigError
 from mocov3.models.heads import build_mlp
+from mocov3.models.loss import contrastive_loss
 from mocov3.models.resnet import build_resnet
 from mocov3.models.vit import VisionTransformer
+
+ENCODERS = ("query", "momentum")  # the backbones a MoCo model holds: f_q's and its EMA f_k's
 
 
 class MoCo(nn.Module):
@@ -66,6 +68,12 @@ class MoCo(nn.Module):
                 if query.requires_grad:
                     pairs.append((query, momentum))
         return pairs
+
+    def encoder_backbone(self, encoder: str = "query") -> nn.Module:
+        """The query backbone (``"query"``) or its momentum copy (``"momentum"``)."""
+        if encoder not in ENCODERS:
+            raise ValueError(f"encoder must be query or momentum, got {encoder!r}")
+        return self.backbone if encoder == "query" else self.momentum_backbone
 
     def momentum_parameters(self) -> list[nn.Parameter]:
         return [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]

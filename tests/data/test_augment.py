@@ -13,14 +13,14 @@ from torchvision.transforms import RandomResizedCrop
 
 from mocov3.config import AugmentConfig
 from mocov3.data import augment as aug
+from mocov3.data import counters
 from mocov3.data.augment import (
     STREAMS_PER_VIEW,
     TwoViewAugment,
-    counter_uniform,
-    counter_uniforms,
+    crop_flip_views,
     sample_crop_boxes,
-    sample_keys,
 )
+from mocov3.data.counters import counter_uniform, counter_uniforms, sample_keys
 
 # Everything off and the crop the whole image: the pipeline is then exactly a normalisation.
 OFF = AugmentConfig(
@@ -67,8 +67,8 @@ def _splitmix64_reference(x: int) -> int:
 
 def test_mix64_matches_unsigned_reference_including_negative_words() -> None:
     values = [0, 1, 12345, -1, -(2**63), 2**63 - 1, -987654321987654321]
-    got = aug._mix64(torch.tensor(values, dtype=torch.int64)).tolist()
-    want = [aug._signed64(_splitmix64_reference(v)) for v in values]
+    got = counters._mix64(torch.tensor(values, dtype=torch.int64)).tolist()
+    want = [counters._signed64(_splitmix64_reference(v)) for v in values]
     assert got == want
 
 
@@ -450,3 +450,17 @@ def test_float_input_is_not_modified() -> None:
     augment = TwoViewAugment(AugmentConfig(), 12, [0.5] * 3, [0.25] * 3)
     augment(images, sample_keys(0, 0, torch.arange(4)))
     assert torch.equal(images, before)
+
+
+def test_crop_flip_views_at_scale_one_is_the_whole_image_or_its_mirror():
+    """The one-view augmentation of the probe and fine-tuning (crop_min 1: flip only)."""
+    images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
+    keys = torch.arange(16)
+    # ratio (3/4, 4/3) contains 1, so scale (1, 1) leaves the whole square image
+    out = crop_flip_views(images, keys, (1.0, 1.0), (0.0,), (1.0,))
+    plain = images.float() / 255
+    same = (out - plain).abs().amax(dim=(1, 2, 3)) < 1e-5
+    mirrored = (out - plain.flip(3)).abs().amax(dim=(1, 2, 3)) < 1e-5
+    assert bool((same | mirrored).all()) and same.any() and mirrored.any()
+    cropped = crop_flip_views(images, keys, (0.25, 1.0), (0.0,), (1.0,))
+    assert not torch.allclose(cropped, out)

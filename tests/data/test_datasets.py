@@ -12,22 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from mocov3.data.datasets import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
-    DatasetError,
     ImageDataset,
     load_fashion_mnist,
     load_folder,
     load_split,
-    make_synthetic,
     read_idx,
-    resize_images,
 )
+from mocov3.errors import DatasetError
 
 # --------------------------------------------------------------------------- helpers
 
@@ -47,15 +44,6 @@ def save(path: Path, img: Image.Image, **kwargs: object) -> Path:
 
 def rgb(colour: tuple[int, int, int], size: tuple[int, int] = (12, 10)) -> Image.Image:
     return Image.new("RGB", size, colour)
-
-
-def knn_accuracy(train: ImageDataset, test: ImageDataset) -> float:
-    """Cosine 1-nearest-neighbour accuracy on raw pixels, train -> test."""
-    a = F.normalize(train.images.flatten(1).float(), dim=1)
-    b = F.normalize(test.images.flatten(1).float(), dim=1)
-    assert train.labels is not None and test.labels is not None
-    pred = train.labels[(b @ a.T).argmax(dim=1)]
-    return (pred == test.labels).float().mean().item()
 
 
 def assert_one_line(err: pytest.ExceptionInfo[DatasetError]) -> str:
@@ -181,17 +169,6 @@ def test_load_split_fashion_mnist_resize_and_rgb() -> None:
     full = load_split("fashion-mnist", "train", subset=10)
     assert abs(small.images.float().mean() - full.images.float().mean()) < 1.0
     assert load_split("fashion-mnist", "test", image_size=28).images.shape[-1] == 28
-
-
-def test_resize_images_is_antialiased() -> None:
-    g = torch.Generator().manual_seed(0)
-    noise = torch.randint(0, 256, (2, 1, 64, 64), generator=g, dtype=torch.uint8)
-    out = resize_images(noise, 16)
-    assert out.shape == (2, 1, 16, 16) and out.dtype == torch.uint8
-    # an antialiased 4x shrink averages ~16 pixels (std ~12); point-sampling bilinear
-    # averages 4 and keeps most of the noise (std ~35)
-    assert 100 < out.float().mean() < 155 and out.float().std() < 20
-    assert resize_images(noise, 64) is noise
 
 
 # --------------------------------------------------------------------------- folders
@@ -380,43 +357,6 @@ def test_folder_empty_or_unreadable_or_missing(tmp_path: Path) -> None:
         load_folder(tmp_path / "nope", "train", image_size=8)
 
 
-# --------------------------------------------------------------------------- synthetic
-
-
-def test_synthetic_is_deterministic_and_splits_differ() -> None:
-    a = make_synthetic("train", 300, 16, seed=3)
-    b = make_synthetic("train", 300, 16, seed=3)
-    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)  # type: ignore[arg-type]
-    assert not torch.equal(a.images, make_synthetic("train", 300, 16, seed=4).images)
-    test = make_synthetic("test", 300, 16, seed=3)
-    assert not torch.equal(a.images, test.images)
-    train_set = {bytes(x.numpy()) for x in a.images}
-    assert not any(bytes(x.numpy()) in train_set for x in test.images)  # disjoint
-
-
-def test_synthetic_shapes_balance_and_stats() -> None:
-    ds = make_synthetic("train", 1003, 24, channels=3, num_classes=7)
-    assert ds.images.shape == (1003, 3, 24, 24) and ds.images.dtype == torch.uint8
-    assert ds.labels is not None and len(ds.classes) == 7
-    counts = torch.bincount(ds.labels)
-    assert len(counts) == 7 and counts.max() - counts.min() <= 1
-    x = ds.images.double() / 255
-    assert ds.mean == pytest.approx(tuple(x.mean(dim=(0, 2, 3)).tolist()), abs=1e-6)
-    assert ds.std == pytest.approx(tuple(x.std(dim=(0, 2, 3)).tolist()), abs=1e-4)
-    with pytest.raises(DatasetError):
-        make_synthetic("train", 10, 16, num_classes=11)
-
-
-def test_synthetic_is_a_meaningful_task() -> None:
-    start = time.perf_counter()
-    train = make_synthetic("train", 2048, 32)
-    seconds = time.perf_counter() - start
-    assert torch.bincount(train.labels).tolist() == [205] * 8 + [204] * 2  # type: ignore[arg-type]
-    acc = knn_accuracy(train, make_synthetic("test", 512, 32))
-    assert 0.30 < acc < 0.99, f"raw-pixel 1-NN accuracy {acc:.3f}"
-    assert seconds < 3.0, f"generating 2048 images took {seconds:.2f} s"
-
-
 # --------------------------------------------------------------------------- load_split
 
 
@@ -440,11 +380,3 @@ def test_load_split_rejects_bad_arguments() -> None:
         load_split("folder:", "train")
     with pytest.raises(DatasetError, match="channels"):
         load_split("synthetic", "train", channels=4)
-
-
-def test_subset_copies_the_first_items() -> None:
-    ds = make_synthetic("train", 50, 8)
-    sub = ds.subset(5)
-    assert torch.equal(sub.images, ds.images[:5]) and sub.mean == ds.mean
-    assert sub.images.untyped_storage().nbytes() == sub.images.numel()  # not a view of ds
-    assert len(ds.subset(500)) == 50

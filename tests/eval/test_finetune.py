@@ -8,17 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from mocov3.cli import main
-from mocov3.eval.common import open_checkpoint
 from mocov3.eval.finetune import (
     FineTuneModel,
     FineTuneSettings,
-    augment_batch,
     build_criterion,
     build_model,
     finetune,
     layer_decay_param_groups,
     set_drop_path,
 )
+from mocov3.models.checkpoint import open_checkpoint
 from mocov3.models.vit import VisionTransformer
 
 
@@ -103,19 +102,6 @@ def test_label_smoothing_reaches_the_loss():
     by_hand = -(target * log_p).sum(dim=1).mean()
     assert torch.allclose(build_criterion(eps)(logits, labels), by_hand)
     assert not torch.allclose(build_criterion(0.0)(logits, labels), by_hand)
-
-
-def test_crop_min_one_is_the_whole_image_or_its_mirror():
-    images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
-    keys = torch.arange(16)
-    # ratio (3/4, 4/3) contains 1, so scale (1, 1) leaves the whole square image
-    out = augment_batch(images, keys, 1.0, (0.0,), (1.0,))
-    plain = images.float() / 255
-    same = (out - plain).abs().amax(dim=(1, 2, 3)) < 1e-5
-    mirrored = (out - plain.flip(3)).abs().amax(dim=(1, 2, 3)) < 1e-5
-    assert bool((same | mirrored).all()) and same.any() and mirrored.any()
-    cropped = augment_batch(images, keys, 0.25, (0.0,), (1.0,))
-    assert not torch.allclose(cropped, out)
 
 
 TINY = ["--set", "data.subset=512", "--set", "eval.test_subset=300", "--batch-size", "64"]

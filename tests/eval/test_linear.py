@@ -10,14 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mocov3.cli import main
-from mocov3.data.datasets import ImageDataset
-from mocov3.eval.common import open_checkpoint, snapshot, unchanged
+from mocov3.data.images import ImageDataset
+from mocov3.eval.features import snapshot, unchanged
 from mocov3.eval.linear import (
     augmented_features,
     linear_probe,
     probe_backbone,
     train_linear_probes,
 )
+from mocov3.models.checkpoint import open_checkpoint
 
 
 def blobs(n: int, seed: int, classes: int = 4, dim: int = 16, spread: float = 0.5):

@@ -4,10 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from mocov3.config import ConfigError, load_config
-from mocov3.engine.optim import build_optimizer
+from mocov3.config import load_config
+from mocov3.errors import ConfigError
 from mocov3.models.heads import build_mlp
 from mocov3.models.moco import build_moco
+from mocov3.optim.optimizers import build_optimizer
 
 TINY = "configs/tiny.yaml"
 

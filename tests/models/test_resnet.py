@@ -10,7 +10,8 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from mocov3.cli import main
-from mocov3.config import ConfigError, load_config, resolve_model_dims
+from mocov3.config import load_config, resolve_model_dims
+from mocov3.errors import CheckpointError, ConfigError
 from mocov3.models.heads import SyncBatchNorm1d, SyncBatchNorm2d
 from mocov3.models.moco import build_moco, feature_dim
 from mocov3.models.resnet import build_resnet
@@ -99,8 +100,7 @@ def test_resnet_width_narrows_every_stage_and_keeps_torchvision_init():
 
 
 def test_resuming_with_another_resnet_width_is_refused(tmp_path):
-    from mocov3.engine.checkpoint import CheckpointError
-    from mocov3.engine.train import check_architecture
+    from mocov3.train.run_dir import check_architecture
 
     saved = load_config(DEMO, ["model.resnet_width=32"])
     check_architecture({"config": saved.to_dict()}, saved, tmp_path / "c.pt")  # same: accepted

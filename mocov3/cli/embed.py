@@ -1,0 +1,50 @@
+"""``mocov3 embed``: backbone features of images or a dataset split, saved as safetensors
+(:mod:`mocov3.eval.embed`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mocov3.cli.common import ENCODER_CHOICES, add_data_args, add_set_arg, data_overrides
+from mocov3.eval.embed import embed
+from mocov3.models.checkpoint import open_checkpoint
+from mocov3.runtime.device import resolve_device
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    run = open_checkpoint(args.checkpoint, [*data_overrides(args), *args.set])
+    device = resolve_device(args.device or run.config.train.device)
+    result = embed(run, args.out, device, args.images, args.split, args.encoder)
+    if result["skipped"]:
+        print(f"skipped {result['skipped']} unreadable image file(s)", file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``mocov3 embed``."""
+    parser = commands.add_parser(
+        "embed",
+        help="save backbone features of images or a dataset split (safetensors)",
+        description="Backbone features of a folder of images (--images) or of a split of the "
+        "checkpoint's data, saved as safetensors: 'features' [N, D], 'labels' when "
+        "labelled, file names in the metadata.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt (or its dir)")
+    parser.add_argument("--out", required=True, help="output file, e.g. features.safetensors")
+    parser.add_argument(
+        "--images", help="embed every image under this folder (recursively) instead of a split"
+    )
+    parser.add_argument(
+        "--split",
+        choices=("train", "test"),
+        default="train",
+        help="dataset split to embed (default train; data.subset applies to it)",
+    )
+    parser.add_argument("--encoder", choices=ENCODER_CHOICES, default="query")
+    add_data_args(parser)
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    add_set_arg(parser)
+    parser.set_defaults(handler=cmd_embed)

@@ -1,0 +1,153 @@
+"""What a run trains and evaluates on, and where its batches come from.
+
+A dataset small enough is decoded once into a uint8 tensor (:class:`MemoryBatches` indexes
+it); a folder too large for memory is streamed (:class:`~mocov3.data.stream.StreamingBatches`
+decodes each batch in DataLoader workers). Both give ``source(step)`` -> (uint8 images
+``[b, C, H, W]`` on the device, sample indices ``[b]``) for the sampler's batch of that
+step, so the trainer does not care which it has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from mocov3.config import Config, apply_overrides, config_from_dict
+from mocov3.data.datasets import load_split
+from mocov3.data.folders import folder_root, has_test_split
+from mocov3.data.images import ImageDataset
+from mocov3.data.sampling import StepSampler
+from mocov3.data.stream import FolderIndex, StreamingBatches, resolve_loader
+
+
+class BatchSource(Protocol):
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def close(self) -> None: ...
+
+
+class MemoryBatches:
+    """Batches of an in-memory uint8 dataset: ``self(step)`` -> (images ``[b, C, H, W]``
+    uint8 on ``device``, sample indices ``[b]``), ``b`` the per-process batch."""
+
+    def __init__(self, images: torch.Tensor, sampler: StepSampler, device: torch.device) -> None:
+        self.images, self.sampler, self.device = images, sampler, device
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = self.sampler.indices(step)
+        return self.images[indices].to(self.device, non_blocking=True), indices
+
+    def close(self) -> None:
+        """Nothing to release (streaming sources stop their workers here)."""
+
+
+def load_data(config: Config, with_test: bool = True) -> tuple[ImageDataset, ImageDataset | None]:
+    """The training split (``data.subset`` applied) and, when labelled, the test split, in
+    memory."""
+    d = config.data
+    common = dict(
+        data_dir=d.data_dir,
+        image_size=d.image_size,
+        synthetic_size=d.synthetic_size,
+        seed=config.train.seed,
+        strict=d.strict,
+    )
+    train_set = load_split(d.name, "train", channels=d.channels, subset=d.subset, **common)
+    test_set = None
+    if with_test and train_set.labels is not None and has_test_split(d.name):
+        # the test split takes the train split's channel count so features are comparable
+        test_set = load_split(d.name, "test", channels=train_set.channels, **common)
+    return train_set, test_set
+
+
+@dataclass
+class TrainingData:
+    """What a run trains and evaluates on.
+
+    ``kind`` memory: ``images`` holds every training image as uint8; stream: ``index``
+    lists a folder's files, decoded batch by batch in DataLoader workers. ``knn_memory`` /
+    ``test_set``: labelled images in memory for kNN (None when there are none); when
+    streaming, ``knn_memory`` is the first ``eval.train_subset`` training images.
+    """
+
+    kind: str
+    num_images: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    images: torch.Tensor | None = None
+    index: FolderIndex | None = None
+    knn_memory: ImageDataset | None = None
+    test_set: ImageDataset | None = None
+
+    def batch_source(
+        self,
+        sampler: StepSampler,
+        device: torch.device,
+        config: Config,
+        start_step: int = 0,
+        stop_step: int | None = None,
+        local_processes: int = 1,
+    ) -> BatchSource:
+        """The batches of steps ``start_step`` to ``stop_step`` (streaming prefetches no
+        further); ``local_processes`` share this node's CPUs for decoding."""
+        if self.images is not None:
+            return MemoryBatches(self.images, sampler, device)
+        assert self.index is not None
+        workers = config.data.workers
+        return StreamingBatches(
+            self.index, sampler, device, workers, start_step, stop_step, local_processes
+        )
+
+
+def load_training_data(config: Config, with_test: bool = True) -> TrainingData:
+    """The run's data: in memory (``load_data``), or a streamed folder when ``data.loader``
+    says stream, or says auto and the decoded folder would exceed ``data.memory_limit_gb``."""
+    d = config.data
+    root = folder_root(d.name)
+    if root is None or d.loader == "memory":
+        resolve_loader(config)  # refuses data.loader=stream for a dataset that is no folder
+        train_set, test_set = load_data(config, with_test)
+        labelled = train_set if train_set.labels is not None else None
+        return TrainingData(
+            "memory",
+            len(train_set),
+            train_set.channels,
+            train_set.mean,
+            train_set.std,
+            images=train_set.images,
+            knn_memory=labelled,
+            test_set=test_set,
+        )
+    index = FolderIndex(
+        root, "train", d.image_size, d.channels, d.strict, d.subset, stats_seed=config.train.seed
+    )
+    if resolve_loader(config, len(index), index.channels) == "memory":
+        in_memory = apply_overrides(config_from_dict(config.to_dict()), ["data.loader=memory"])
+        return load_training_data(in_memory, with_test)
+    data = TrainingData("stream", len(index), index.channels, index.mean, index.std, index=index)
+    if with_test and index.labels is not None and has_test_split(d.name):
+        size, channels = d.image_size, index.channels
+        memory = load_split(
+            d.name, "train", image_size=size, channels=channels, strict=d.strict,
+            subset=knn_memory_size(config, index),
+        )  # fmt: skip
+        # normalised as training normalises (the memory subset's own statistics differ a bit)
+        data.knn_memory = dataclasses.replace(memory, mean=index.mean, std=index.std)
+        data.test_set = load_split(
+            d.name, "test", image_size=size, channels=channels, strict=d.strict,
+            subset=config.eval.test_subset,
+        )  # fmt: skip
+    return data
+
+
+def knn_memory_size(config: Config, index: FolderIndex) -> int:
+    """``eval.train_subset``, or as many images as a quarter of ``data.memory_limit_gb``
+    holds: a streamed folder is too large to hold whole for kNN."""
+    if config.eval.train_subset:
+        return min(config.eval.train_subset, len(index))
+    per_image = index.channels * config.data.image_size**2
+    return max(1, min(len(index), int(config.data.memory_limit_gb * 1e9 / 4 / per_image)))

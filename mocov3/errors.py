@@ -1,0 +1,40 @@
+"""The errors every layer raises for problems the user can fix.
+
+Each carries ONE line that names the problem and the fix; the command line prints it as
+``error: ...`` with exit status 2 instead of a traceback (:mod:`mocov3.cli`).
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration problem: an unknown key, a value of the wrong type or out of range.
+    Line breaks in the values it quotes are escaped, so the message stays one line."""
+
+    def __init__(self, message: object) -> None:
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+
+
+class DatasetError(RuntimeError):
+    """A data problem: a missing dataset, an empty or unreadable folder, a corrupt file."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, truncated, unsafe, or of another model."""
+
+
+class ExportError(CheckpointError):
+    """A backbone or export directory that cannot be exported or read back."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, an unusable device, a budget that cannot
+    be added to a resumed run)."""
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    DatasetError,
+    CheckpointError,
+    TrainingError,
+)
