@@ -126,10 +126,10 @@ def _keys(values, prefix=""):
             yield f"{prefix}{key}"
 
 
-def test_readme_config_reference_lists_every_key():
-    readme = Path("README.md").read_text()
-    missing = [key for key in _keys(Config().to_dict()) if f"`{key}`" not in readme]
-    assert not missing, f"README configuration reference lacks {missing}"
+def test_configuration_reference_lists_every_key():
+    reference = Path("docs/configuration.md").read_text()
+    missing = [key for key in _keys(Config().to_dict()) if f"`{key}`" not in reference]
+    assert not missing, f"docs/configuration.md lacks {missing}"
 
 
 def _flat(config: Config) -> dict[str, object]:
