@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from mocov3.config import Config, config_from_dict, load_config
+from mocov3.data.datasets import default_channels
 from mocov3.errors import ExportError
 from mocov3.interop import pretrained
 from mocov3.interop.pretrained import CONFIG_NAME, from_pretrained
@@ -39,13 +40,8 @@ def build_model(
         config = load_config(None if config is None else str(config), [])
     elif isinstance(config, dict):
         config = config_from_dict(config)
-    channels = in_chans or config.data.channels or _dataset_channels(config.data.name)
+    channels = in_chans or config.data.channels or default_channels(config.data.name)
     return build_moco(config, channels)
-
-
-def _dataset_channels(name: str) -> int:
-    """What training on ``data.name`` would give when ``data.channels`` is unset."""
-    return 1 if name.strip().lower() in ("fashion-mnist", "synthetic") else 3
 
 
 def load_backbone(path_or_dir: str | Path, encoder: str = "query") -> nn.Module:

@@ -32,6 +32,11 @@ class TrainingError(RuntimeError):
     be added to a resumed run)."""
 
 
+def one_line(text: object) -> str:
+    """Collapse whitespace so third-party error text cannot break the one-line contract."""
+    return " ".join(str(text).split())
+
+
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     DatasetError,

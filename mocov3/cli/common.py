@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-ENCODER_CHOICES = ("query", "momentum")
-
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """``--data`` and ``--data-dir``, shared by every command that reads a dataset."""

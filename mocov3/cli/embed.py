@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from mocov3.cli.common import ENCODER_CHOICES, add_data_args, add_set_arg, data_overrides
+from mocov3.cli.common import add_data_args, add_set_arg, data_overrides
 from mocov3.eval.embed import embed
 from mocov3.models.checkpoint import open_checkpoint
-from mocov3.runtime.device import resolve_device
+from mocov3.models.moco import ENCODERS
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     run = open_checkpoint(args.checkpoint, [*data_overrides(args), *args.set])
-    device = resolve_device(args.device or run.config.train.device)
-    result = embed(run, args.out, device, args.images, args.split, args.encoder)
-    if result["skipped"]:
-        print(f"skipped {result['skipped']} unreadable image file(s)", file=sys.stderr)
+    result = embed(run, args.out, args.device, args.images, args.split, args.encoder)
     print(json.dumps(result))
     return 0
 
@@ -43,7 +39,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         default="train",
         help="dataset split to embed (default train; data.subset applies to it)",
     )
-    parser.add_argument("--encoder", choices=ENCODER_CHOICES, default="query")
+    parser.add_argument("--encoder", choices=ENCODERS, default="query")
     add_data_args(parser)
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     add_set_arg(parser)

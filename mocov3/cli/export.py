@@ -7,10 +7,10 @@ import argparse
 import json
 import sys
 
-from mocov3.cli.common import ENCODER_CHOICES
 from mocov3.interop.export import FORMATS, export_checkpoint
 from mocov3.interop.pretrained import read_pretrained_config
 from mocov3.interop.reference import import_reference
+from mocov3.models.moco import ENCODERS
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -44,7 +44,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     export.add_argument("checkpoint", help="a run's checkpoint.pt (or the run directory)")
     export.add_argument("--out", required=True, help="output directory")
-    export.add_argument("--encoder", choices=ENCODER_CHOICES, default="query")
+    export.add_argument("--encoder", choices=ENCODERS, default="query")
     export.add_argument("--format", choices=FORMATS, default="timm")
     export.set_defaults(handler=cmd_export)
 

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from mocov3.cli.common import ENCODER_CHOICES, add_data_args, add_set_arg, data_overrides
+from mocov3.cli.common import add_data_args, add_set_arg, data_overrides
 from mocov3.errors import ConfigError
 from mocov3.eval.finetune import (
     FineTuneSettings,
@@ -18,6 +18,7 @@ from mocov3.eval.finetune import (
     finetune,
 )
 from mocov3.models.checkpoint import open_checkpoint
+from mocov3.models.moco import ENCODERS
 from mocov3.runtime.device import resolve_device
 
 
@@ -78,7 +79,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--encoder",
-        choices=ENCODER_CHOICES,
+        choices=ENCODERS,
         default=None,
         help="pretrained backbone to start from (default query)",
     )

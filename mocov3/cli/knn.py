@@ -7,12 +7,13 @@ import json
 
 from torch import nn
 
-from mocov3.cli.common import ENCODER_CHOICES, add_data_args, add_set_arg, data_overrides
+from mocov3.cli.common import add_data_args, add_set_arg, data_overrides
 from mocov3.config import load_config
 from mocov3.data.sources import load_data
 from mocov3.errors import DatasetError
 from mocov3.eval.knn import evaluate_knn
 from mocov3.models.checkpoint import open_checkpoint
+from mocov3.models.moco import ENCODERS
 from mocov3.runtime.device import resolve_device
 
 
@@ -53,7 +54,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="baseline: kNN on raw pixels instead of learned features",
     )
     knn.add_argument("--config", help="preset for --raw-pixels (data settings)")
-    knn.add_argument("--encoder", choices=ENCODER_CHOICES, default="query")
+    knn.add_argument("--encoder", choices=ENCODERS, default="query")
     knn.add_argument("--k", type=int, nargs="+", help="neighbour counts (default eval.knn_k)")
     knn.add_argument("--temperature", type=float, help="vote temperature (default 0.07)")
     knn.add_argument("--device")

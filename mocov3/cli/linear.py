@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from mocov3.cli.common import ENCODER_CHOICES, add_data_args, add_set_arg, data_overrides
+from mocov3.cli.common import add_data_args, add_set_arg, data_overrides
 from mocov3.eval import linear
 from mocov3.eval.features import FEATURE_KINDS
 from mocov3.eval.linear import (
@@ -15,9 +15,10 @@ from mocov3.eval.linear import (
     DEFAULT_LRS_NO_BN,
     ProbeSettings,
     probe_run,
-    result_file_name,
+    write_result,
 )
 from mocov3.models.checkpoint import open_checkpoint
+from mocov3.models.moco import ENCODERS
 
 
 def cmd_linear(args: argparse.Namespace) -> int:
@@ -39,8 +40,7 @@ def cmd_linear(args: argparse.Namespace) -> int:
     settings.check()  # before the checkpoint is read
     run = open_checkpoint(args.checkpoint, [*data_overrides(args), *args.set])
     summary = probe_run(run, settings)
-    line = json.dumps(summary)
-    (run.run_dir / result_file_name(settings.features, settings.augmented)).write_text(line + "\n")
+    write_result(run, settings, summary)
     lrs = settings.base_lrs
     if len(lrs) > 1 and summary["best_lr"] in (min(lrs), max(lrs)):
         # the val optimum may lie beyond the sweep: say so rather than report it silently
@@ -49,7 +49,7 @@ def cmd_linear(args: argparse.Namespace) -> int:
             f"{sorted(lrs)}; widen --lrs past it to be sure it is the optimum",
             file=sys.stderr,
         )
-    print(line)
+    print(json.dumps(summary))
     if not summary["backbone_unchanged"]:
         print("error: a backbone tensor changed during linear probing", file=sys.stderr)
         return 1
@@ -66,7 +66,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt or its run directory")
     add_data_args(parser)
-    parser.add_argument("--encoder", choices=ENCODER_CHOICES, default="query")
+    parser.add_argument("--encoder", choices=ENCODERS, default="query")
     parser.add_argument(
         "--features",
         choices=FEATURE_KINDS,

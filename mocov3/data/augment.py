@@ -79,7 +79,7 @@ _STREAM_BLUR = 43
 _STREAM_SIGMA = 44
 _STREAM_SOLARIZE = 45
 STREAMS_PER_VIEW = 64
-_FIRST_STREAM, _LAST_STREAM = _STREAM_JITTER, _STREAM_SOLARIZE  # drawn in one batch
+_FIRST_STREAM, _LAST_STREAM = _STREAM_FLIP, _STREAM_SOLARIZE  # drawn in one batch
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect-ratio range
 
 
@@ -187,16 +187,19 @@ def random_resized_crop_flip(
     ratio: Sequence[float] = CROP_RATIO,
     flip_p: float = 0.5,
     stream_base: int = 0,
+    flip_uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``RandomResizedCrop(out_size, scale, ratio)`` then ``RandomHorizontalFlip(flip_p)`` of
     a float batch in [0, 1], each sample's box and flip drawn from its key: the crop from
     streams ``stream_base + 0..21``, the flip from ``stream_base + 32`` (view 0's streams
-    when ``stream_base`` is 0)."""
+    when ``stream_base`` is 0). ``flip_uniform``: that stream's uniforms when the caller
+    hashed them already (with its other streams, in one call)."""
     boxes = sample_crop_boxes(
         keys, stream_base + _STREAM_CROP, images.shape[2], images.shape[3], scale, ratio
     )
-    flip = counter_uniform(keys, stream_base + _STREAM_FLIP) < flip_p
-    return resized_crop_flip(images, boxes, flip, out_size)
+    if flip_uniform is None:
+        flip_uniform = counter_uniform(keys, stream_base + _STREAM_FLIP)
+    return resized_crop_flip(images, boxes, flip_uniform < flip_p, out_size)
 
 
 def normalize(
@@ -492,8 +495,9 @@ class TwoViewAugment:
         x = torch.div(images.to(torch.float32), 255.0)  # ToTensor's [0, 1] range, a new tensor
 
         x = random_resized_crop_flip(
-            x, keys, self.output_size, cfg.crop_scale, cfg.crop_ratio, cfg.flip_p, base
-        )
+            x, keys, self.output_size, cfg.crop_scale, cfg.crop_ratio, cfg.flip_p, base,
+            draws(_STREAM_FLIP),
+        )  # fmt: skip
         x = color_jitter(x, *self._jitter_params(draws), dense=dense)
         if x.shape[1] == 3:  # grayscale is the identity on a grey image
             gray = draws(_STREAM_GRAYSCALE) < cfg.grayscale_p

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mocov3.data.decode import one_line, one_thread, try_decode
+from mocov3.data.decode import one_thread, try_decode
 from mocov3.data.folders import (
     IMAGE_EXTENSIONS,
     check_channels,
@@ -31,7 +31,7 @@ from mocov3.data.folders import (
 )
 from mocov3.data.images import ImageDataset, channel_stats, resize_images
 from mocov3.data.synthetic import make_synthetic
-from mocov3.errors import DatasetError
+from mocov3.errors import DatasetError, one_line
 
 logger = logging.getLogger(__name__)
 

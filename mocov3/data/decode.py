@@ -31,6 +31,8 @@ from torchvision.io import ImageReadMode, read_file
 from torchvision.io import decode_image as tv_decode_image
 from torchvision.transforms import InterpolationMode
 
+from mocov3.errors import one_line
+
 # torchvision 0.29 deprecates torchvision.io's decoders in favour of TorchCodec (a separate
 # package with FFmpeg); they still work, and the warning would repeat for every file.
 warnings.filterwarnings(
@@ -44,11 +46,6 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _PNG_PLAIN_COLOUR_TYPES = (0, 2, 4, 6)  # grey, RGB, grey+alpha, RGBA (3 is palette)
 _TV_PREFIX = re.compile(r"^\w+, \S+\.(?:cpp|h):\d+, ")  # torchvision's "func, file:line, "
 _PIL_MODES = {1: "L", 3: "RGB"}
-
-
-def one_line(text: object) -> str:
-    """Collapse whitespace so third-party error text cannot break the one-line contract."""
-    return " ".join(str(text).split())
 
 
 def unreadable_reason(error: BaseException) -> str:

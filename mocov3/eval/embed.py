@@ -31,6 +31,7 @@ from mocov3.data.folders import IMAGE_EXTENSIONS, walk_images
 from mocov3.errors import DatasetError
 from mocov3.eval.knn import extract_features
 from mocov3.models.checkpoint import LoadedRun
+from mocov3.runtime.device import resolve_device
 from mocov3.runtime.precision import eval_precision
 
 
@@ -146,20 +147,21 @@ def load_embeddings(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None
 def embed(
     run: LoadedRun,
     out: str | Path,
-    device: torch.device,
+    device: str | None = None,
     images: str | Path | None = None,
     split: str = "train",
     encoder: str = "query",
 ) -> dict[str, Any]:
     """Embed the image folder ``images`` (every file under it), or else ``split`` of the
-    checkpoint's data, with the ``encoder`` backbone; write ``out``; return what the
-    command reports."""
+    checkpoint's data, with the ``encoder`` backbone on ``device`` (None: the run's
+    ``train.device``); write ``out``; return what the command reports."""
     config = run.config
     channels = run.in_chans
     if images:
         inputs = read_image_folder(images, config.data.image_size, channels)
     else:
         inputs = read_split(config, split, channels)
+    device = resolve_device(device or config.train.device)
     features = embed_images(run, inputs, encoder, device)
     metadata = {
         "encoder": encoder,

@@ -15,6 +15,8 @@ comparison with results reported that way:
   ``avgpool_patchtokens``, its two options together; ``[B, 5D]``).
 
 The probe stays linear and the backbone frozen either way; only the feature vector grows.
+:func:`snapshot` and :func:`unchanged` prove afterwards that the frozen backbone did not
+move (the check a sound probe makes).
 """
 
 from __future__ import annotations

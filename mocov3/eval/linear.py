@@ -37,10 +37,12 @@ comparison.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -374,6 +376,14 @@ def result_file_name(features: str, augmented: bool = False) -> str:
     if augmented:
         parts.append("augmented")
     return "-".join(parts) + ".json"
+
+
+def write_result(run: LoadedRun, settings: ProbeSettings, summary: dict[str, Any]) -> Path:
+    """Write a probe's summary as one JSON line beside the checkpoint, in the file
+    :func:`result_file_name` names for its features and protocol."""
+    path = run.run_dir / result_file_name(settings.features, settings.augmented)
+    path.write_text(json.dumps(summary) + "\n")
+    return path
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,14 @@ def mean_count(count: int, device: torch.device) -> int:
     return int(total) // dist.get_world_size()
 
 
+def mean_value(value: float, device: torch.device) -> float:
+    """The processes' mean of a float (the float itself, unrounded, when alone)."""
+    if not is_distributed():
+        return value
+    total = sum_over_processes(torch.tensor([value], device=device))[0]
+    return float(total) / dist.get_world_size()
+
+
 def any_process(local: bool, device: torch.device) -> bool:
     """Whether ``local`` holds on any process (itself when alone), so that every process
     takes the same decision (e.g. to stop after a signal one of them received)."""

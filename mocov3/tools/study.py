@@ -37,7 +37,7 @@ import yaml
 from mocov3.config import Config, is_resnet_arch, load_config, resolve_model_dims
 from mocov3.errors import ConfigError, TrainingError
 from mocov3.eval.features import FEATURE_KINDS, kind_refusal
-from mocov3.eval.linear import ProbeSettings, probe_run, result_file_name
+from mocov3.eval.linear import ProbeSettings, probe_run, result_file_name, write_result
 from mocov3.models.checkpoint import open_checkpoint
 from mocov3.tools.plots import plot_run, plot_study
 from mocov3.train.trainer import pretrain
@@ -259,7 +259,7 @@ def linear_probe_run(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     loaded = open_checkpoint(run_dir / "checkpoint.pt", subsets)
     probe = ProbeSettings(epochs=settings["epochs"], batch_size=256, features=settings["features"])
     summary = probe_run(loaded, probe)
-    (run_dir / linear_file(settings)).write_text(json.dumps(summary) + "\n")
+    write_result(loaded, probe, summary)
     return summary
 
 

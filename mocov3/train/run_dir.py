@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable
@@ -372,6 +373,11 @@ class RunDirectory:
     def start_metrics(self, resumed_at: int | None) -> None:
         """``metrics.jsonl`` as a run starting (None) or resumed at a step continues it."""
         truncate_metrics(self.path / "metrics.jsonl", resumed_at)
+
+    def resume_command(self) -> str:
+        """The command that continues the run from this directory's own config.yaml."""
+        config, out = shlex.quote(str(self.path / "config.yaml")), shlex.quote(str(self.path))
+        return f"mocov3 pretrain --config {config} --out {out} --resume auto"
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_text_atomic(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")

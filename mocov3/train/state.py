@@ -39,6 +39,24 @@ class RunStats:
     last_knn: float | None = None
     knn_init: dict[str, Any] | None = None
 
+    def summary(self, steps: int, batch_size: int) -> dict[str, Any]:
+        """What ``summary.json`` reports of a run's training after ``steps`` steps."""
+        return {
+            "images_per_second": round(steps * batch_size / max(self.train_seconds, 1e-9), 2),
+            "train_seconds": round(self.train_seconds, 1),
+            "final_loss": round(self.loss, 5),
+            "steps": steps,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def monitor_summary(self) -> dict[str, float]:
+        """The kNN monitor's time, and its share of the training time."""
+        share = self.monitor_seconds / max(self.train_seconds, 1e-9)
+        return {
+            "knn_monitor_seconds": round(self.monitor_seconds, 1),
+            "knn_monitor_share": round(share, 4),
+        }
+
     @classmethod
     def from_progress(cls, progress: dict[str, Any]) -> RunStats:
         return cls(

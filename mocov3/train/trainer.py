@@ -11,7 +11,6 @@ instability), :mod:`~mocov3.train.signals` (preemption).
 
 from __future__ import annotations
 
-import shlex
 import statistics
 import sys
 import time
@@ -37,8 +36,8 @@ from mocov3.runtime.distributed import (
     launched_info,
     main_process_value,
     mean_count,
+    mean_value,
     process_group,
-    sum_over_processes,
 )
 from mocov3.runtime.logging import MetricsLog, NullLog, Progress
 from mocov3.runtime.performance import apply_memory_format, compile_backbones, to_memory_format
@@ -250,21 +249,12 @@ class Trainer:
         self._train_loop(log)
         if self._stopping:
             return self._preempted()
-        stats, batch = self.stats, self.config.train.batch_size
-        train_seconds = max(stats.train_seconds, 1e-9)
-        results.update(
-            images_per_second=round(self.step * batch / train_seconds, 2),
-            train_seconds=round(stats.train_seconds, 1),
-            final_loss=round(stats.loss, 5),
-            steps=self.step,
-            skipped_steps=stats.skipped_steps,
-            instability_events=self.detector.summary(),
-        )
+        results.update(self.stats.summary(self.step, self.config.train.batch_size))
+        results["instability_events"] = self.detector.summary()
         if self.resume_from is not None:
             results["resumed_from"] = str(self.resume_from)
         if self.config.eval.monitor_every:
-            results["knn_monitor_seconds"] = round(stats.monitor_seconds, 1)
-            results["knn_monitor_share"] = round(stats.monitor_seconds / train_seconds, 4)
+            results.update(self.stats.monitor_summary())
         if self.config.eval.knn_final and (final := self.knn.evaluate(self.model.backbone)):
             log.log("knn", self.step, **final)
             self.progress.message(f"kNN after training: {final}")
@@ -378,7 +368,7 @@ class Trainer:
         """After a signal: make sure the current step is checkpointed, say how to go on."""
         if self._saved_step != self.step:
             self._save()
-        command = self.resume_command or self._default_resume_command()
+        command = self.resume_command or self.run_dir.resume_command()
         self.progress.message(
             f"stopped by {self.stop.name} after step {self.step}/{self.schedules.total_steps}, "
             f"checkpoint {self.last_checkpoint}; resume with: {command}"
@@ -390,11 +380,6 @@ class Trainer:
             "checkpoint": str(self.last_checkpoint),
             "resume_command": command,
         }
-
-    def _default_resume_command(self) -> str:
-        config = shlex.quote(str(self.out_dir / "config.yaml"))
-        out = shlex.quote(str(self.out_dir))
-        return f"mocov3 pretrain --config {config} --out {out} --resume auto"
 
     # ------------------------------------------------------------------ time budget
     def _plan_budget(self, log: Log) -> None:
@@ -450,27 +435,27 @@ class Trainer:
 
     def _measure_step_seconds(self, steps: int = 4) -> float:
         """The median time of real training steps 2..``steps`` (the first pays one-off
-        costs), the processes' mean; the steps leave no trace (see ``TrainingParts.undone``)."""
-        schedules, original = self.schedules, self.batches
-        # the epoch-based schedule may be shorter than ``steps``
-        total = max(steps, schedules.total_steps)
-        self.schedules = build_schedules(self.config, self.data.num_images, total)
-        self.batches = self._batch_source(0, steps)
+        costs), the processes' mean; the steps leave no trace (``TrainingParts.undone``)."""
         times = []
-        try:
-            with self.train_step.parts.undone():
+        with self.train_step.parts.undone():
+            schedules, original = self.schedules, self.batches
+            # the epoch-based schedule may be shorter than ``steps``
+            total = max(steps, schedules.total_steps)
+            self.schedules = build_schedules(self.config, self.data.num_images, total)
+            self.batches = self._batch_source(0, steps)
+            try:
                 for step in range(steps):
                     tic = time.perf_counter()
                     self.take_step(step)
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     times.append(time.perf_counter() - tic)
-        finally:
-            self.close()
-            self.batches, self.schedules = original, schedules
+            finally:
+                self.close()
+                self.batches, self.schedules = original, schedules
         seconds = statistics.median(times[1:]) if len(times) > 1 else times[0]
-        total_seconds = sum_over_processes(torch.tensor([seconds], device=self.device))[0]
-        return float(total_seconds) / self.process.world_size
+        return mean_value(seconds, self.device)
+
 
 def _progress_fields(
     values: dict[str, float],

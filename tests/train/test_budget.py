@@ -1,4 +1,4 @@
-"""Time-budgeted training (train.budget_minutes, engine/budget.py)."""
+"""Time-budgeted training (train.budget_minutes, mocov3/train/budget.py)."""
 
 from __future__ import annotations
 

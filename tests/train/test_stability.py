@@ -1,4 +1,4 @@
-"""The gradient monitor and the instability detector (engine/stability.py)."""
+"""The gradient monitor and the instability detector (mocov3/train/stability.py)."""
 
 from __future__ import annotations
 
