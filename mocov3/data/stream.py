@@ -362,8 +362,8 @@ def resolve_loader(
 
 
 class StreamingBatches:
-    """Batches of a streamed folder, the interface of ``MemoryBatches``: ``self(step)`` (or
-    ``batches(step)``) -> (uint8 images ``[b, C, S, S]`` on ``device``, indices ``[b]``).
+    """Batches of a streamed folder, a :class:`~mocov3.data.sources.BatchSource`:
+    ``self(step)`` -> (uint8 images ``[b, C, S, S]`` on ``device``, indices ``[b]``).
 
     Steps are expected in increasing order from ``start_step``; any other step restarts the
     pipeline there (costing one prefetch of decoding). ``workers`` None: see
@@ -426,8 +426,6 @@ class StreamingBatches:
         self._note(batch)
         assert batch.images is not None  # _note raised otherwise
         return batch.images.to(self.device, non_blocking=True), batch.indices
-
-    batches = __call__
 
     def _next_batch(self, step: int) -> _Batch:
         """The next batch; a worker's exception becomes a one-line DatasetError."""

@@ -92,7 +92,7 @@ def embed_images(
     run: LoadedRun, inputs: EmbedInput, encoder: str, device: torch.device
 ) -> torch.Tensor:
     """float32 ``[N, D]`` backbone features of ``inputs.images`` (checkpoint mean/std)."""
-    in_chans = int(run.state["in_chans"])
+    in_chans = run.in_chans
     if inputs.images.shape[1] != in_chans:
         raise DatasetError(
             f"images have {inputs.images.shape[1]} channels but the checkpoint expects "

@@ -248,7 +248,7 @@ def build_model(run: LoadedRun, num_classes: int, settings: FineTuneSettings) ->
     Drop path is set and the patch projection made trainable in both cases."""
     if settings.from_scratch:
         seed_everything(settings.seed)
-        backbone = build_backbone(run.config, int(run.state["in_chans"]))
+        backbone = build_backbone(run.config, run.in_chans)
     else:
         backbone = copy.deepcopy(run.backbone(settings.encoder))
     # Every tensor trains, the patch projection included: the frozen random projection is
@@ -272,7 +272,7 @@ def _labelled_splits(run: LoadedRun) -> tuple[ImageDataset, ImageDataset, int]:
         raise DatasetError(
             f"data '{config.data.name}' needs labelled train and test splits for fine-tuning"
         )
-    in_chans = int(run.state["in_chans"])
+    in_chans = run.in_chans
     if train_set.channels != in_chans:
         raise DatasetError(
             f"the data has {train_set.channels} channels but the checkpoint's model takes "

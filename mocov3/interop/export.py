@@ -53,7 +53,7 @@ def preprocessing(run: LoadedRun) -> dict[str, Any]:
     """What an input image must look like: the statistics the backbone was trained with."""
     return {
         "image_size": run.config.data.image_size,
-        "channels": int(run.state["in_chans"]),
+        "channels": run.in_chans,
         "mean": [float(v) for v in run.state.get("mean", [])],
         "std": [float(v) for v in run.state.get("std", [])],
         "value_range": "pixels scaled to [0, 1], then (x - mean) / std",

@@ -242,10 +242,10 @@ def analyse_test_split(run_dir: Path, device: str | None, notes: list[str]) -> S
     if test_set is None or train_set.labels is None or test_set.labels is None:
         notes.append(f"{skip}: the data '{config.data.name}' has no labelled test split.")
         return None
-    if train_set.channels != int(run.state["in_chans"]):
+    if train_set.channels != run.in_chans:
         raise DatasetError(
             f"the data has {train_set.channels} channels but the checkpoint expects "
-            f"{run.state['in_chans']}"
+            f"{run.in_chans}"
         )
     dev = resolve_device(device or config.train.device)
     ev = config.eval
