@@ -56,7 +56,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """What to train on. ``name``: fashion-mnist | folder:PATH | synthetic."""
+    """What to train on. ``name``: fashion-mnist | folder:PATH | wds:PATTERN | hf:PATH |
+    synthetic."""
 
     name: str = "fashion-mnist"
     data_dir: str | None = None  # where the fashion-mnist idx files live (default: Debian path)
@@ -71,6 +72,10 @@ class DataConfig:
     loader: str = "auto"
     memory_limit_gb: float = 8.0
     workers: int | None = None  # stream: DataLoader worker processes (None: per machine)
+    # stream: where JPEGs are decoded: cpu (the workers) or gpu (nvJPEG on the training GPU,
+    # the workers only read bytes and draw the crop boxes)
+    decode: str = "cpu"
+    reduced_decode: bool = True  # stream: decode JPEGs at 1/2-1/8 size where every crop allows
 
 
 @dataclass
@@ -554,6 +559,7 @@ def validate(config: Config) -> None:
     )
     _require(d.memory_limit_gb > 0, "data.memory_limit_gb must be positive")
     _require(d.workers is None or d.workers >= 0, "data.workers must be >= 0 (or null: auto)")
+    _require(d.decode in ("cpu", "gpu"), f"data.decode '{d.decode}' must be cpu or gpu")
     _require(t.dist_timeout_minutes > 0, "train.dist_timeout_minutes must be positive")
     _require(
         t.budget_minutes is None or t.budget_minutes > 0,

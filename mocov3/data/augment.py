@@ -89,8 +89,8 @@ CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect-ratio 
 def sample_crop_boxes(
     keys: torch.Tensor,
     stream_base: int,
-    height: int,
-    width: int,
+    height: int | torch.Tensor,
+    width: int | torch.Tensor,
     scale: Sequence[float],
     ratio: Sequence[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,9 +99,12 @@ def sample_crop_boxes(
     Up to 10 attempts, each with area uniform in ``scale * H * W`` and log aspect ratio uniform
     in ``log(ratio)``; the first attempt that fits wins. All attempts are drawn at once and the
     first valid one is picked per sample. If none fits: torchvision's centre crop with the
-    aspect ratio clamped to ``ratio``. Boxes are whole pixels, returned as float64 tensors.
+    aspect ratio clamped to ``ratio``. ``height`` and ``width``: one size for the batch, or
+    one per sample (streamed images differ). Boxes are whole pixels, as float64 tensors.
     """
-    area = float(height * width)
+    height = torch.as_tensor(height, dtype=torch.float64, device=keys.device).reshape(-1, 1)
+    width = torch.as_tensor(width, dtype=torch.float64, device=keys.device).reshape(-1, 1)
+    area = height * width
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     u = counter_uniforms(keys, range(stream_base, stream_base + _CROP_STREAMS)).double()
     u_area, u_ratio = u[:, 0 : 2 * _CROP_ATTEMPTS : 2], u[:, 1 : 2 * _CROP_ATTEMPTS : 2]
@@ -117,23 +120,26 @@ def sample_crop_boxes(
     h = h.gather(1, first).squeeze(1)
     found = valid.any(dim=1)
 
+    height, width = height.squeeze(1), width.squeeze(1)
     fallback_h, fallback_w = _centre_crop_size(height, width, ratio)
-    h = torch.where(found, h, torch.full_like(h, fallback_h))
-    w = torch.where(found, w, torch.full_like(w, fallback_w))
+    h = torch.where(found, h, fallback_h)
+    w = torch.where(found, w, fallback_w)
     # randint(0, n) == floor(u * n) for u in [0, 1).
     top = torch.where(found, torch.floor(u_top * (height - h + 1)), (height - h).div(2).floor())
     left = torch.where(found, torch.floor(u_left * (width - w + 1)), (width - w).div(2).floor())
     return top, left, h, w
 
 
-def _centre_crop_size(height: int, width: int, ratio: Sequence[float]) -> tuple[float, float]:
-    """torchvision's fallback crop: the whole image, its aspect ratio clamped to ``ratio``."""
+def _centre_crop_size(
+    height: torch.Tensor, width: torch.Tensor, ratio: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's fallback crop: the whole image, its aspect ratio clamped to ``ratio``
+    (``torch.round`` rounds halves to even, as Python's ``round``)."""
     in_ratio = width / height
-    if in_ratio < min(ratio):
-        return float(round(width / min(ratio))), float(width)
-    if in_ratio > max(ratio):
-        return float(height), float(round(height * max(ratio)))
-    return float(height), float(width)
+    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    h = torch.where(narrow, torch.round(width / min(ratio)), height)
+    w = torch.where(wide, torch.round(height * max(ratio)), width)
+    return h, w
 
 
 def _source_coords(
@@ -473,13 +479,26 @@ class TwoViewAugment:
     def __call__(
         self, images: torch.Tensor, keys: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 [B, C, H, W] and int64 [B] keys -> two normalised float32 [B, C, S, S] views."""
+        """int64 [B] keys and uint8 images -> two normalised float32 [B, C, S, S] views.
+
+        ``images`` [B, C, H, W]: whole images, both views cropped here. [B, 2, C, S, S]: views
+        already cropped from the full-resolution images (streamed data,
+        :mod:`mocov3.data.crops`, from the same crop streams); the flip and the rest run here.
+        """
+        if images.dim() == 5:
+            return self.view(images[:, 0], keys, 0, True), self.view(images[:, 1], keys, 1, True)
         return self.view(images, keys, 0), self.view(images, keys, 1)
 
-    def view(self, images: torch.Tensor, keys: torch.Tensor, view_index: int) -> torch.Tensor:
-        """One view (0 or 1); view ``v`` draws from its own block of streams."""
+    def view(
+        self, images: torch.Tensor, keys: torch.Tensor, view_index: int, cropped: bool = False
+    ) -> torch.Tensor:
+        """One view (0 or 1); view ``v`` draws from its own block of streams. ``cropped``:
+        ``images`` are this view's crops at the output size (only the flip is left)."""
         if images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"images must be [B, 1 or 3, H, W], got {tuple(images.shape)}")
+        if cropped and images.shape[-2:] != (self.output_size, self.output_size):
+            size = self.output_size
+            raise ValueError(f"cropped views must be {size}x{size}, got {tuple(images.shape)}")
         if view_index not in (0, 1):
             raise ValueError(f"view_index must be 0 or 1, got {view_index}")
         if len(self.mean) not in (1, images.shape[1]):
@@ -494,10 +513,14 @@ class TwoViewAugment:
         draws = _Draws(keys, base)
         x = torch.div(images.to(torch.float32), 255.0)  # ToTensor's [0, 1] range, a new tensor
 
-        x = random_resized_crop_flip(
-            x, keys, self.output_size, cfg.crop_scale, cfg.crop_ratio, cfg.flip_p, base,
-            draws(_STREAM_FLIP),
-        )  # fmt: skip
+        if cropped:
+            flip = _per_sample(draws(_STREAM_FLIP) < cfg.flip_p)
+            x = torch.where(flip, x.flip(-1), x)
+        else:
+            x = random_resized_crop_flip(
+                x, keys, self.output_size, cfg.crop_scale, cfg.crop_ratio, cfg.flip_p, base,
+                draws(_STREAM_FLIP),
+            )  # fmt: skip
         x = color_jitter(x, *self._jitter_params(draws), dense=dense)
         if x.shape[1] == 3:  # grayscale is the identity on a grey image
             gray = draws(_STREAM_GRAYSCALE) < cfg.grayscale_p

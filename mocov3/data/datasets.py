@@ -15,8 +15,10 @@ import math
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ from mocov3.data.folders import (
     list_folder_split,
 )
 from mocov3.data.images import ImageDataset, channel_stats, resize_images
+from mocov3.data.records import ImageRecords, open_records, record_spec
 from mocov3.data.synthetic import make_synthetic
 from mocov3.errors import DatasetError, one_line
 
@@ -208,8 +211,60 @@ def _load_items(
     strict: bool,
     limit: int | None,
 ) -> ImageDataset:
-    good, bad, tried = _decode_first(items, limit or len(items), image_size, channels)
-    _check_bad(bad, tried, folder, strict)
+    def decode(paths: list[Path]) -> list[torch.Tensor | str]:
+        return _decode_all([lambda p=p: try_decode(p, image_size, channels) for p in paths])
+
+    good, bad, tried = _decode_first(items, limit or len(items), decode)
+    _check_bad(bad, tried, str(folder), strict)
+    names = [path.relative_to(root).as_posix() for _, path, _ in good]
+    return _dataset(good, classes, channels, names, len(bad))
+
+
+def load_records(
+    records: ImageRecords,
+    image_size: int,
+    channels: int | None = None,
+    strict: bool = False,
+    limit: int | None = None,
+) -> ImageDataset:
+    """A ``wds:`` or ``hf:`` split (:mod:`mocov3.data.records`) in memory, decoded and
+    centre-cropped as :func:`load_folder` decodes a folder, with the same ``limit``,
+    ``strict`` and skipping rules."""
+    if image_size < 1:
+        raise DatasetError(f"image_size must be >= 1, got {image_size}")
+    labels = records.labels.tolist() if records.labels is not None else [-1] * len(records)
+    items = list(enumerate(labels))
+
+    def decode(indices: list[int]) -> list[torch.Tensor | str]:
+        return _decode_all(
+            [lambda i=i: _read_decode(records, i, image_size, channels) for i in indices]
+        )
+
+    pairs = [(label, i) for i, label in items]
+    good, bad, tried = _decode_first(pairs, limit or len(pairs), decode)
+    named_bad = [(records.name(i), reason) for i, reason in bad]
+    _check_bad(named_bad, tried, records.source, strict)
+    names = [records.name(i) for _, i, _ in good]
+    return _dataset(good, records.classes, channels, names, len(bad))
+
+
+def _read_decode(
+    records: ImageRecords, i: int, size: int, channels: int | None
+) -> torch.Tensor | str:
+    try:
+        data = records.read(i)
+    except OSError as error:
+        return f"{type(error).__name__}: {error}"
+    return try_decode(data, size, channels)
+
+
+def _dataset(
+    good: list[tuple[int, object, torch.Tensor]],
+    classes: list[str],
+    channels: int | None,
+    names: list[str],
+    skipped: int,
+) -> ImageDataset:
     images = _stack([image for _, _, image in good], channels)
     labels = torch.tensor([label for label, _, _ in good], dtype=torch.int64)
     mean, std = channel_stats(images)
@@ -219,16 +274,16 @@ def _load_items(
         classes=classes,
         mean=mean,
         std=std,
-        names=[path.relative_to(root).as_posix() for _, path, _ in good],
-        skipped=len(bad),
+        names=names,
+        skipped=skipped,
     )
 
 
-def _decode_all(files: list[Path], size: int, channels: int | None) -> list[torch.Tensor | str]:
+def _decode_all(jobs: list[Callable[[], torch.Tensor | str]]) -> list[torch.Tensor | str]:
     """Decode in threads (the decoders release the GIL), one intra-op thread each."""
     workers = min(8, os.cpu_count() or 1)
     with one_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda path: try_decode(path, size, channels), files))
+        return list(pool.map(lambda job: job(), jobs))
 
 
 def _stack(images: list[torch.Tensor], channels: int | None) -> torch.Tensor:
@@ -242,34 +297,35 @@ def _stack(images: list[torch.Tensor], channels: int | None) -> torch.Tensor:
     return out
 
 
-_Decoded = tuple[int, Path, torch.Tensor]
+Item = TypeVar("Item")
 
 
 def _decode_first(
-    items: list[tuple[int, Path]], limit: int, size: int, channels: int | None
-) -> tuple[list[_Decoded], list[tuple[Path, str]], int]:
-    """Decode items in order until ``limit`` are readable: (good, bad, number tried).
+    items: list[tuple[int, Item]],
+    limit: int,
+    decode: Callable[[list[Item]], list[torch.Tensor | str]],
+) -> tuple[list[tuple[int, Item, torch.Tensor]], list[tuple[Item, str]], int]:
+    """Decode (label, item) pairs in order until ``limit`` are readable: (good, bad, number
+    tried).
 
     Decodes only the shortfall in each round, so unreadable files cost one more round each
     rather than a pass over the whole folder.
     """
-    good: list[_Decoded] = []
-    bad: list[tuple[Path, str]] = []
+    good: list[tuple[int, Item, torch.Tensor]] = []
+    bad: list[tuple[Item, str]] = []
     tried = 0
     while len(good) < limit and tried < len(items):
         chunk = items[tried : tried + limit - len(good)]
         tried += len(chunk)
-        for (label, path), result in zip(
-            chunk, _decode_all([p for _, p in chunk], size, channels), strict=True
-        ):
+        for (label, item), result in zip(chunk, decode([x for _, x in chunk]), strict=True):
             if isinstance(result, str):
-                bad.append((path, result))
+                bad.append((item, result))
             else:
-                good.append((label, path, result))
+                good.append((label, item, result))
     return good, bad, tried
 
 
-def _check_bad(bad: list[tuple[Path, str]], total: int, folder: Path, strict: bool) -> None:
+def _check_bad(bad: list[tuple[object, str]], total: int, folder: str, strict: bool) -> None:
     """Raise for unreadable files under ``strict`` or when nothing is left, else warn."""
     if not bad:
         return
@@ -289,7 +345,7 @@ def _check_bad(bad: list[tuple[Path, str]], total: int, folder: Path, strict: bo
 
 # --------------------------------------------------------------------------- entry point
 
-_SPECS = "fashion-mnist, folder:PATH, synthetic"
+_SPECS = "fashion-mnist, folder:PATH, wds:PATTERN, hf:PATH, synthetic"
 
 
 def _adapt_fashion(ds: ImageDataset, image_size: int | None, channels: int | None) -> ImageDataset:
@@ -342,6 +398,9 @@ def load_split(
     if (path := folder_root(name)) is not None:
         # decode only the first ``subset`` readable files, not the whole folder
         return load_folder(path, split, image_size or 224, channels, strict, limit=subset)
+    if record_spec(name) is not None:
+        records = open_records(name, split, subset)
+        return load_records(records, image_size or 224, channels, strict)
     if kind == "synthetic":
         n = synthetic_size if split == "train" else max(512, synthetic_size // 4)
         ds = make_synthetic(split, n, image_size or 32, channels or 1, seed)

@@ -10,6 +10,7 @@ index names the same file in both.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -82,7 +83,16 @@ def _split_folder(root: Path, split: str) -> Path:
 
 
 def has_test_split(spec: str) -> bool:
-    """Whether ``spec`` has a labelled evaluation split (a folder needs val/ or test/)."""
+    """Whether ``spec`` has an evaluation split: a folder needs val/ or test/, a Hugging Face
+    dataset a validation or test split; a shard pattern is one split."""
+    kind = spec.strip().lower()
+    if kind.startswith("wds:"):
+        return False
+    if kind.startswith("hf:"):
+        splits = Path(spec.strip()[3:]).expanduser() / "dataset_dict.json"
+        return splits.is_file() and bool(
+            {"validation", "test"} & set(json.loads(splits.read_text()).get("splits", []))
+        )
     root = folder_root(spec)
     if root is None:
         return True

@@ -1,10 +1,12 @@
 """What a run trains and evaluates on, and where its batches come from.
 
 A dataset small enough is decoded once into a uint8 tensor (:class:`MemoryBatches` indexes
-it); a folder too large for memory is streamed (:class:`~mocov3.data.stream.StreamingBatches`
-decodes each batch in DataLoader workers). Both give ``source(step)`` -> (uint8 images
-``[b, C, H, W]`` on the device, sample indices ``[b]``) for the sampler's batch of that
-step, so the trainer does not care which it has.
+it); a folder, shard set or Hugging Face dataset too large for memory is streamed
+(:class:`~mocov3.data.stream.StreamingBatches` cuts each batch's views from the
+full-resolution images in DataLoader workers). Both give ``source(step)`` -> (uint8 images
+on the device, sample indices ``[b]``) for the sampler's batch of that step: whole images
+``[b, C, H, W]`` from memory, both views' crops ``[b, 2, C, S, S]`` when streamed; the
+augmentation takes either (:class:`~mocov3.data.augment.TwoViewAugment`).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import torch
 
 from mocov3.config import Config, apply_overrides, config_from_dict
 from mocov3.data.datasets import load_split
-from mocov3.data.folders import folder_root, has_test_split
+from mocov3.data.folders import has_test_split
 from mocov3.data.images import ImageDataset
+from mocov3.data.records import record_spec
 from mocov3.data.sampling import StepSampler
-from mocov3.data.stream import FolderIndex, StreamingBatches, resolve_loader
+from mocov3.data.stream import StreamIndex, StreamingBatches, crop_settings, resolve_loader
 
 
 class BatchSource(Protocol):
@@ -68,7 +71,7 @@ class TrainingData:
     """What a run trains and evaluates on.
 
     ``kind`` memory: ``images`` holds every training image as uint8; stream: ``index``
-    lists a folder's files, decoded batch by batch in DataLoader workers. ``knn_memory`` /
+    lists a dataset's images, cropped batch by batch in DataLoader workers. ``knn_memory`` /
     ``test_set``: labelled images in memory for kNN (None when there are none); when
     streaming, ``knn_memory`` is the first ``eval.train_subset`` training images.
     """
@@ -79,7 +82,7 @@ class TrainingData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     images: torch.Tensor | None = None
-    index: FolderIndex | None = None
+    index: StreamIndex | None = None
     knn_memory: ImageDataset | None = None
     test_set: ImageDataset | None = None
 
@@ -97,18 +100,18 @@ class TrainingData:
         if self.images is not None:
             return MemoryBatches(self.images, sampler, device)
         assert self.index is not None
-        workers = config.data.workers
+        settings = crop_settings(config, self.channels)
         return StreamingBatches(
-            self.index, sampler, device, workers, start_step, stop_step, local_processes
-        )
+            self.index, sampler, device, settings, config.data.workers, start_step, stop_step,
+            local_processes,
+        )  # fmt: skip
 
 
 def load_training_data(config: Config, with_test: bool = True) -> TrainingData:
     """The run's data: in memory (``load_data``), or a streamed folder when ``data.loader``
     says stream, or says auto and the decoded folder would exceed ``data.memory_limit_gb``."""
     d = config.data
-    root = folder_root(d.name)
-    if root is None or d.loader == "memory":
+    if record_spec(d.name) is None or d.loader == "memory":
         resolve_loader(config)  # refuses data.loader=stream for a dataset that is no folder
         train_set, test_set = load_data(config, with_test)
         labelled = train_set if train_set.labels is not None else None
@@ -122,8 +125,8 @@ def load_training_data(config: Config, with_test: bool = True) -> TrainingData:
             knn_memory=labelled,
             test_set=test_set,
         )
-    index = FolderIndex(
-        root, "train", d.image_size, d.channels, d.strict, d.subset, stats_seed=config.train.seed
+    index = StreamIndex.from_spec(
+        d.name, "train", d.image_size, d.channels, d.strict, d.subset, config.train.seed
     )
     if resolve_loader(config, len(index), index.channels) == "memory":
         in_memory = apply_overrides(config_from_dict(config.to_dict()), ["data.loader=memory"])
@@ -144,7 +147,7 @@ def load_training_data(config: Config, with_test: bool = True) -> TrainingData:
     return data
 
 
-def knn_memory_size(config: Config, index: FolderIndex) -> int:
+def knn_memory_size(config: Config, index: StreamIndex) -> int:
     """``eval.train_subset``, or as many images as a quarter of ``data.memory_limit_gb``
     holds: a streamed folder is too large to hold whole for kNN."""
     if config.eval.train_subset:

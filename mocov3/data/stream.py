@@ -1,64 +1,75 @@
-"""Streaming input pipeline for image folders too large to decode into memory.
+"""Streaming input pipeline for datasets too large to decode into memory: image folders,
+WebDataset shards and Hugging Face datasets (:mod:`mocov3.data.records`).
 
-In-memory datasets (:mod:`mocov3.data.datasets`) hold every image as one uint8 tensor and
-augment batches on the training device. A streamed folder keeps the second half of that
-design and replaces the first: DataLoader worker processes decode each batch's files with
-the one decoder (:func:`~mocov3.data.decode.decode_image`: fixed-size uint8 ``[C, S, S]``,
-shorter side resized to ``S`` with antialiasing, centre crop), the main process copies the
-stacked batch to the device (pinned memory and a non-blocking copy on CUDA), and the same
-batched augmentation runs on it. Index ``i`` names the same file as item ``i`` of
-:func:`~mocov3.data.datasets.load_folder` (same listing, same class interleaving), so
-sampling and augmentation keys agree between the two paths as long as every file is
-readable (the in-memory path drops unreadable files, which shifts its later indices).
+In-memory datasets hold every image as one uint8 tensor at ``data.image_size`` and crop on
+the device. A streamed dataset is cropped as the paper crops: DataLoader worker processes
+read each batch's encoded images, draw both views' boxes in the full-resolution image's
+coordinates from the samples' counter-based streams and cut them (:mod:`mocov3.data.crops`),
+the main process copies the uint8 views ``[b, 2, C, S, S]`` to the device (pinned memory and
+a non-blocking copy on CUDA), and the rest of the batched augmentation runs there. With
+``data.decode: gpu`` the workers read the bytes and draw the boxes, and the main process
+decodes the batch's JPEGs with nvJPEG (torchvision) and cuts the same boxes on the GPU.
+Index ``i`` names the same image as item ``i`` of the in-memory loader (same listing, same
+class interleaving), and a shard written from a folder keeps its order, so a sample's keys
+are the same whichever way it is read.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import itertools
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Literal, NamedTuple
 
-import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 
 from mocov3.config import Config
-from mocov3.data.decode import one_thread, palette_is_grey, try_decode
-from mocov3.data.folders import check_split, folder_root, list_folder_split
+from mocov3.data.counters import sample_keys
+from mocov3.data.crops import VIEWS, Pending, cut_views, decode_pending, view_boxes
+from mocov3.data.decode import (
+    Header,
+    one_thread,
+    palette_is_grey,
+    read_header,
+    try_decode,
+    unreadable_reason,
+)
+from mocov3.data.records import ImageRecords, open_records, record_spec
 from mocov3.data.sampling import StepSampler
 from mocov3.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
 
 STATS_SAMPLE = 1000  # images decoded to estimate channels and normalisation statistics
-# 12 workers decode thousands of 224-px JPEGs/s (2-4 ms each), more than one GPU's MoCo step
-# consumes; more workers would only cost memory
+# 12 workers decode and crop about 5,000 ImageNet-sized JPEGs/s (about 2 ms each), more than
+# one GPU's ViT-S step consumes; more workers would only cost memory
 MAX_WORKERS = 12
 _SUBSTITUTE_TRIES = 64  # consecutive unreadable files tolerated before giving up
 _GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
+Decode = Literal["cpu", "gpu"]
 
 
 # --------------------------------------------------------------------------- the index
 
 
 def _sample(n: int, k: int, seed: int) -> list[int]:
-    """``min(n, k)`` distinct indices from a fixed seed, sorted (files read in listing order)."""
+    """``min(n, k)`` distinct indices from a fixed seed, sorted (read in listing order)."""
     generator = torch.Generator().manual_seed(seed)
     return sorted(torch.randperm(n, generator=generator)[:k].tolist())
 
 
-def _header_is_colour(path: Path) -> bool | None:
-    """Whether the in-memory path would decode ``path`` as colour, from its header alone
-    (palette images excepted); None when the file cannot be opened."""
+def _header_is_colour(records: ImageRecords, i: int) -> bool | None:
+    """Whether the in-memory path would decode image ``i`` as colour, from its header alone
+    (palette images excepted); None when it cannot be read."""
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(records.read(i))) as img:
             if img.mode in _GREY_MODES or img.mode.startswith("I;"):
                 return False
             if img.mode == "P":
@@ -68,35 +79,31 @@ def _header_is_colour(path: Path) -> bool | None:
         return None
 
 
-class FolderIndex:
-    """The files and labels of one folder split, listed but not decoded.
+def _strict_message(name: str, reason: str) -> str:
+    return (
+        f"cannot read image {name} ({reason}): fix or delete it, or train without data.strict "
+        "to substitute unreadable images"
+    )
 
-    Same listing, order and labels as :func:`~mocov3.data.datasets.load_folder`; ``subset``
-    keeps the first N files. Paths live in one numpy bytes array rather than a list of
-    Path objects: DataLoader workers forked from this process then share its pages, where
-    a million Python objects would be copied into every worker by reference counting.
-    """
+
+class StreamIndex:
+    """The images and labels of one split of a streamed dataset, listed but not decoded:
+    its :class:`~mocov3.data.records.ImageRecords`, the channels to decode to and the
+    normalisation statistics of a fixed sample."""
 
     def __init__(
         self,
-        root: str | Path,
-        split: str,
+        records: ImageRecords,
         image_size: int,
         channels: int | None = None,
         strict: bool = False,
-        subset: int | None = None,
         stats_seed: int = 0,
     ) -> None:
-        if subset is not None and subset < 1:
-            raise DatasetError(f"subset must be >= 1 (or unset), got {subset}")
-        self.root = Path(root).expanduser()
-        self.folder, self.classes, items = list_folder_split(self.root, split, image_size, channels)
-        items = items[:subset]
-        self.split, self.image_size, self.strict = check_split(split), image_size, strict
+        if image_size < 1:
+            raise DatasetError(f"image_size must be >= 1, got {image_size}")
+        self.records, self.image_size, self.strict = records, image_size, strict
         self.stats_seed = stats_seed
-        self.paths = np.array([os.fsencode(p) for _, p in items])
-        labels = torch.tensor([label for label, _ in items], dtype=torch.int64)
-        self.labels: torch.Tensor | None = labels if self.classes else None
+        self.classes, self.labels = records.classes, records.labels
         self._channels = channels
 
     @classmethod
@@ -108,51 +115,47 @@ class FolderIndex:
         channels: int | None = None,
         strict: bool = False,
         subset: int | None = None,
-    ) -> FolderIndex:
-        """The index of a ``folder:PATH`` spec; a DatasetError for any other dataset."""
-        root = folder_root(spec)
-        if root is None:
-            raise DatasetError(f"dataset {spec!r} is not an image folder: write folder:PATH")
-        return cls(root, split, image_size, channels, strict, subset)
+        stats_seed: int = 0,
+    ) -> StreamIndex:
+        """The index of a ``folder:``, ``wds:`` or ``hf:`` spec (DatasetError otherwise)."""
+        if subset is not None and subset < 1:
+            raise DatasetError(f"subset must be >= 1 (or unset), got {subset}")
+        records = open_records(spec, split, subset)
+        return cls(records, image_size, channels, strict, stats_seed)
 
     def __len__(self) -> int:
-        return len(self.paths)
-
-    def path(self, i: int) -> Path:
-        return Path(os.fsdecode(self.paths[i]))
+        return len(self.records)
 
     def name(self, i: int) -> str:
-        """File name relative to the root, as in :attr:`ImageDataset.names`."""
-        return self.path(i).relative_to(self.root).as_posix()
+        return self.records.name(i)
 
     def _sample(self) -> list[int]:
         return _sample(len(self), STATS_SAMPLE, self.stats_seed)
 
     @cached_property
     def channels(self) -> int:
-        """The explicit channels, else 3 if any sampled file is colour (the in-memory rule,
-        applied to a sample: a folder with a rare colour image may be read as grey)."""
+        """The explicit channels, else 3 if any sampled image is colour (the in-memory rule,
+        applied to a sample: a dataset with a rare colour image may be read as grey)."""
         if self._channels is not None:
             return self._channels
-        colour = (_header_is_colour(self.path(i)) for i in self._sample())
+        colour = (_header_is_colour(self.records, i) for i in self._sample())
         return 3 if any(colour) else 1
 
     @cached_property
     def _stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std of a fixed, seeded sample of at most ``STATS_SAMPLE``
-        decoded images. A streamed folder is large by definition, and exact statistics would
-        cost an extra epoch of decoding; the mean over 1000 random images is within about
-        1% of the full set's, far below what normalisation cares about. The fixed seed makes
-        every rank and every resumed run normalise identically."""
-        dataset = FolderStream(self.paths, self.image_size, self.channels, self.strict)
+        images, centre-cropped at the training size. Exact statistics would cost an extra
+        epoch of decoding; the mean over 1000 random images is within about 1% of the full
+        set's, far below what normalisation cares about. The fixed seed makes every rank and
+        every resumed run normalise identically."""
         total = torch.zeros(self.channels, dtype=torch.float64)
         total_sq = torch.zeros(self.channels, dtype=torch.float64)
         count = 0
         with one_thread():
             for i in self._sample():
-                image = dataset.try_decode(i)
+                image = _try_read(self.records, i, self.image_size, self.channels)
                 if isinstance(image, str) and self.strict:  # fail before training starts
-                    raise DatasetError(_strict_message(str(self.path(i)), image))
+                    raise DatasetError(_strict_message(self.name(i), image))
                 if isinstance(image, str):
                     continue
                 x = image.to(torch.float64).div_(255.0).flatten(1)
@@ -161,8 +164,8 @@ class FolderIndex:
                 count += x.shape[1]
         if not count:
             raise DatasetError(
-                f"none of the {len(self._sample())} sampled image files in {self.folder} could "
-                f"be read (first: {self.path(self._sample()[0])}): check the files"
+                f"none of the {len(self._sample())} sampled images of {self.records.source} "
+                f"could be read (first: {self.name(self._sample()[0])}): check the files"
             )
         mean = total / count
         std = (total_sq / count - mean.square()).clamp_min(0.0).sqrt().clamp_min(1.0 / 255.0)
@@ -176,112 +179,161 @@ class FolderIndex:
     def std(self) -> tuple[float, ...]:
         return self._stats[1]
 
-    def dataset(self) -> FolderStream:
-        """The decoding dataset over this index (channels resolved now)."""
-        return FolderStream(self.paths, self.image_size, self.channels, self.strict)
+
+def _try_read(records: ImageRecords, i: int, size: int, channels: int | None) -> torch.Tensor | str:
+    """Image ``i`` centre-cropped to ``size``, or why it cannot be read."""
+    try:
+        data = records.read(i)
+    except OSError as error:
+        return f"{type(error).__name__}: {error}"
+    return try_decode(data, size, channels)
 
 
-# --------------------------------------------------------------------------- the dataset
+# --------------------------------------------------------------------------- the workers
 
 
-class _Item(NamedTuple):
-    """One decoded sample; ``image`` None when it failed for good (under strict, or after
-    ``_SUBSTITUTE_TRIES`` unreadable files in a row), the main process raising it."""
+@dataclass(frozen=True)
+class CropSettings:
+    """What the workers need to cut a sample's views: output size and channels, the crop
+    distribution, the seed its keys derive from, and where the JPEGs are decoded."""
 
-    image: torch.Tensor | None
-    failures: tuple[tuple[int, str, str], ...]  # (index, path, reason) of unreadable files
+    size: int
+    channels: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    seed: int
+    reduce: bool = True  # decode at 1/2, 1/4, 1/8 size where every box allows
+    decode: Decode = "cpu"
 
 
-def _strict_message(path: str, reason: str) -> str:
-    return (
-        f"cannot read image {path} ({reason}): fix or delete it, or train without data.strict "
-        "to substitute unreadable files"
-    )
+def crop_settings(config: Config, channels: int) -> CropSettings:
+    """The :class:`CropSettings` of a run's config, for ``channels`` (resolved) channels."""
+    d, a = config.data, config.augment
+    return CropSettings(
+        d.image_size, channels, a.crop_scale, a.crop_ratio, config.train.seed,
+        d.reduced_decode, d.decode,  # type: ignore[arg-type]
+    )  # fmt: skip
 
 
-class FolderStream(Dataset[_Item]):
-    """Decodes item ``i`` of a :class:`FolderIndex` to uint8 ``[C, S, S]``.
-
-    An unreadable file never raises here: the next readable file stands in, so the batch
-    keeps its size and the substitution is deterministic; under ``strict`` (or when no file
-    is readable for ``_SUBSTITUTE_TRIES`` in a row) the item carries the failure for the main
-    process to raise as a one-line DatasetError, where an exception raised in a worker would
-    reach the user wrapped in the worker's traceback.
-    """
-
-    def __init__(self, paths: np.ndarray, image_size: int, channels: int, strict: bool) -> None:
-        self.paths, self.image_size, self.channels = paths, image_size, channels
-        self.strict = strict
-        self._unreadable: dict[int, str] = {}  # per process: skip known-bad files at once
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def try_decode(self, i: int) -> torch.Tensor | str:
-        """The image, or the reason it cannot be read."""
-        if i in self._unreadable:
-            return self._unreadable[i]
-        image = try_decode(os.fsdecode(self.paths[i]), self.image_size, self.channels)
-        if isinstance(image, str):
-            self._unreadable[i] = image
-        return image
-
-    def __getitem__(self, i: int) -> _Item:
-        failures: list[tuple[int, str, str]] = []
-        for j in itertools.islice(itertools.count(i), min(len(self), _SUBSTITUTE_TRIES)):
-            j %= len(self)
-            image = self.try_decode(j)
-            if not isinstance(image, str):
-                return _Item(image, tuple(failures))
-            failures.append((j, os.fsdecode(self.paths[j]), image))
-            if self.strict:
-                break
-        return _Item(None, tuple(failures))
+class _Request(NamedTuple):
+    epoch: int
+    indices: list[int]
 
 
 @dataclass
 class _Batch:
-    """A collated batch: images ``[b, C, S, S]`` (None when a strict read failed), the
-    requested indices (not the substitutes': augmentation keys follow the sampler) and
-    the unreadable files met."""
+    """A decoded batch: views ``[b, 2, C, S, S]`` (None when a strict read failed), the
+    requested indices (not the substitutes': augmentation keys follow the sampler), the
+    unreadable images met and the JPEGs left for device decoding."""
 
-    images: torch.Tensor | None
+    views: torch.Tensor | None
     indices: torch.Tensor
-    failures: list[tuple[int, str, str]]
+    failures: list[tuple[int, str, str]] = field(default_factory=list)
+    pending: list[Pending] = field(default_factory=list)
 
     def pin_memory(self) -> _Batch:
-        """DataLoader's pin-memory thread calls this; only the images are worth pinning."""
-        if self.images is not None:
-            self.images = self.images.pin_memory()
+        """DataLoader's pin-memory thread calls this; only the views are worth pinning."""
+        if self.views is not None:
+            self.views = self.views.pin_memory()
         return self
 
 
-def _collate(items: list[tuple[int, _Item]]) -> _Batch:
-    """Stack a batch (module level, so that spawned workers can pickle it)."""
-    failures = [f for _, item in items for f in item.failures]
-    indices = torch.tensor([i for i, _ in items], dtype=torch.int64)
-    if any(item.image is None for _, item in items):
-        return _Batch(None, indices, failures)
-    # default_collate stacks straight into shared memory inside a worker: no extra copy when
-    # the batch crosses to the main process.
-    return _Batch(default_collate([item.image for _, item in items]), indices, failures)
+class _Readable(NamedTuple):
+    index: int
+    data: bytes
+    header: Header
 
 
-class _Indexed(Dataset[tuple[int, _Item]]):
-    """Pairs each item with its requested index, so collate can return the indices."""
+class BatchDecoder(Dataset[_Batch]):
+    """Cuts both views of every sample of a requested batch (a DataLoader worker's job).
 
-    def __init__(self, stream: FolderStream) -> None:
-        self.stream = stream
+    An unreadable image never raises here: the next readable one stands in (keeping the
+    requested sample's key), so the batch keeps its size and the substitution is
+    deterministic; under ``strict`` (or after ``_SUBSTITUTE_TRIES`` unreadable images in a
+    row) the batch carries the failure for the main process to raise as one line, where an
+    exception raised in a worker would reach the user wrapped in the worker's traceback.
+    """
+
+    def __init__(self, records: ImageRecords, settings: CropSettings, strict: bool) -> None:
+        self.records, self.settings, self.strict = records, settings, strict
+        self._unreadable: dict[int, str] = {}  # per process: skip known-bad images at once
 
     def __len__(self) -> int:
-        return len(self.stream)
+        return len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[int, _Item]:
-        return i, self.stream[i]
+    def _read(self, i: int) -> _Readable | str:
+        """Image ``i``'s bytes and header, or why they cannot be read."""
+        if i in self._unreadable:
+            return self._unreadable[i]
+        try:
+            data = self.records.read(i)
+            return _Readable(i, data, read_header(data))
+        except Exception as error:  # noqa: BLE001  readers and PIL raise many types
+            self._unreadable[i] = unreadable_reason(error)
+            return self._unreadable[i]
+
+    def __getitem__(self, request: _Request) -> _Batch:  # type: ignore[override]
+        s = self.settings
+        indices = torch.tensor(request.indices, dtype=torch.int64)
+        keys = sample_keys(s.seed, request.epoch, indices)
+        found = [self._read(i) for i in request.indices]
+        sizes = [
+            (r.header.height, r.header.width) if isinstance(r, _Readable) else (1, 1) for r in found
+        ]
+        heights, widths = torch.tensor(sizes, dtype=torch.float64).unbind(1)
+        boxes = view_boxes(keys, heights, widths, s.scale, s.ratio)
+        views = torch.empty(len(found), VIEWS, s.channels, s.size, s.size, dtype=torch.uint8)
+        batch = _Batch(views, indices)
+        for position, readable in enumerate(found):
+            if not self._fill(
+                batch, position, readable, keys[position : position + 1], boxes[position]
+            ):
+                batch.views = None
+                break
+        return batch
+
+    def _fill(
+        self,
+        batch: _Batch,
+        position: int,
+        readable: _Readable | str,
+        key: torch.Tensor,
+        boxes: torch.Tensor,
+    ) -> bool:
+        """Put sample ``position``'s views into the batch, substituting unreadable images;
+        False when it failed for good."""
+        s = self.settings
+        i = int(batch.indices[position])
+        for tries in range(min(len(self), _SUBSTITUTE_TRIES)):
+            j = (i + tries) % len(self)
+            if tries:
+                readable = self._read(j)
+                if isinstance(readable, _Readable):
+                    h, w = (
+                        torch.tensor([readable.header.height]),
+                        torch.tensor([readable.header.width]),
+                    )
+                    boxes = view_boxes(key, h, w, s.scale, s.ratio)[0]
+            if isinstance(readable, _Readable):
+                if s.decode == "gpu" and readable.header.reducible:
+                    batch.pending.append(Pending(position, readable.data, boxes))
+                    return True
+                try:
+                    assert batch.views is not None
+                    batch.views[position] = cut_views(
+                        readable.data, readable.header, boxes, s.size, s.channels, s.reduce
+                    )
+                    return True
+                except Exception as error:  # noqa: BLE001  decoders raise many types
+                    readable = self._unreadable[j] = unreadable_reason(error)
+            batch.failures.append((j, self.records.name(j), readable))
+            if self.strict:
+                return False
+        return False
 
 
 class _StepBatches:
-    """Batch sampler: ``sampler.indices(step)`` for ``step = start, start + 1, ...``.
+    """Batch requests ``(epoch, sampler.indices(step))`` for ``step = start, start + 1, ...``.
 
     One endless pass rather than one pass per epoch, so the workers decode the next epoch's
     first batches while this epoch's last ones train: no pipeline drain at epoch ends.
@@ -293,10 +345,22 @@ class _StepBatches:
         self.sampler = copy.copy(sampler)
         self.start, self.stop = start, stop
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[_Request]:
         steps = itertools.count(self.start) if self.stop is None else range(self.start, self.stop)
         for step in steps:
-            yield self.sampler.indices(step).tolist()
+            yield request_for(self.sampler, step)
+
+
+def request_for(sampler: StepSampler, step: int) -> _Request:
+    """What a worker decodes for ``step``: the epoch (for the keys) and this process's
+    sample indices."""
+    return _Request(sampler.epoch_and_position(step)[0], sampler.indices(step).tolist())
+
+
+def _identity(batch: _Batch) -> _Batch:
+    """The collate function: a batch is already whole (module level, so spawned workers can
+    pickle it)."""
+    return batch
 
 
 # --------------------------------------------------------------------------- batches
@@ -338,23 +402,24 @@ def resolve_loader(
     config: Config, num_images: int | None = None, channels: int | None = None
 ) -> LoaderKind:
     """``data.loader`` resolved: auto -> memory for Fashion-MNIST and synthetic data, and for
-    folders whose decoded uint8 images (N * C * S * S bytes, ``data.subset`` applied; C is
-    ``channels``, else ``data.channels``, else 3) fit in ``data.memory_limit_gb`` (10^9
-    bytes); stream otherwise. ``num_images``: the folder's file count (a FolderIndex's len).
+    folders, shards and Hugging Face datasets whose decoded uint8 images (N * C * S * S bytes,
+    ``data.subset`` applied; C is ``channels``, else ``data.channels``, else 3) fit in
+    ``data.memory_limit_gb`` (10^9 bytes); stream otherwise. ``num_images``: the dataset's
+    image count (a StreamIndex's len).
     """
     d = config.data
-    is_folder = folder_root(d.name) is not None
-    if d.loader == "stream" and not is_folder:
+    streamable = record_spec(d.name) is not None
+    if d.loader == "stream" and not streamable:
         raise ConfigError(
-            f"data.loader=stream decodes image folders only, and {d.name!r} is not one: use "
-            "data.loader=memory or auto"
+            f"data.loader=stream reads image folders, shards and Hugging Face datasets, and "
+            f"{d.name!r} is none of them: use data.loader=memory or auto"
         )
     if d.loader in ("memory", "stream"):
         return d.loader  # type: ignore[return-value]
-    if not is_folder:
+    if not streamable:
         return "memory"
     if num_images is None:
-        raise ValueError("resolve_loader needs num_images for a folder dataset")
+        raise ValueError("resolve_loader needs num_images for a streamable dataset")
     n = min(num_images, d.subset or num_images)
     c = channels or d.channels or 3
     decoded = n * c * d.image_size * d.image_size
@@ -362,8 +427,9 @@ def resolve_loader(
 
 
 class StreamingBatches:
-    """Batches of a streamed folder, a :class:`~mocov3.data.sources.BatchSource`:
-    ``self(step)`` -> (uint8 images ``[b, C, S, S]`` on ``device``, indices ``[b]``).
+    """Batches of a streamed dataset, a :class:`~mocov3.data.sources.BatchSource`:
+    ``self(step)`` -> (uint8 views ``[b, 2, C, S, S]`` on ``device``, indices ``[b]``), each
+    view cut from the full-resolution image (:mod:`mocov3.data.crops`).
 
     Steps are expected in increasing order from ``start_step``; any other step restarts the
     pipeline there (costing one prefetch of decoding). ``workers`` None: see
@@ -374,9 +440,10 @@ class StreamingBatches:
 
     def __init__(
         self,
-        index: FolderIndex,
+        index: StreamIndex,
         sampler: StepSampler,
         device: torch.device,
+        settings: CropSettings,
         workers: int | None = None,
         start_step: int = 0,
         stop_step: int | None = None,
@@ -384,35 +451,43 @@ class StreamingBatches:
     ) -> None:
         if sampler.num_images != len(index):
             raise ValueError(f"sampler covers {sampler.num_images} images, index {len(index)}")
+        if settings.decode == "gpu" and device.type != "cuda":
+            raise ConfigError(
+                f"data.decode=gpu decodes with nvJPEG on a CUDA device, and this run trains "
+                f"on {device.type}: use data.decode=cpu"
+            )
         self.index, self.sampler, self.device = index, sampler, device
+        self.settings = settings
         if workers is None:
             workers = default_workers(local_processes, device_type=device.type)
         self.workers = workers
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
-        self.unreadable: dict[int, str] = {}  # index -> path of each unreadable file met
+        self.unreadable: dict[int, str] = {}  # index -> name of each unreadable image met
         self._batch_sampler = _StepBatches(sampler, start_step, stop_step)
-        self._loader: DataLoader | None = self._make_loader(index.dataset())
+        decoder = BatchDecoder(index.records, settings, index.strict)
+        self._loader: DataLoader | None = self._make_loader(decoder)
         self._iterator: Iterator[_Batch] | None = None
         self._next_step = start_step
 
-    def _make_loader(self, stream: FolderStream) -> DataLoader:
-        """A DataLoader over the step batches; >= 4 batches in flight smooth out slow files."""
+    def _make_loader(self, decoder: BatchDecoder) -> DataLoader:
+        """A DataLoader over the step requests; >= 4 batches in flight smooth out slow files."""
         extra: dict[str, object] = {}
         if self.workers:
             extra = {"persistent_workers": True, "prefetch_factor": max(2, -(-4 // self.workers))}
         return DataLoader(
-            _Indexed(stream),
-            batch_sampler=self._batch_sampler,
+            decoder,  # type: ignore[arg-type]
+            sampler=self._batch_sampler,  # type: ignore[arg-type]
+            batch_size=None,  # each request is a whole batch, decoded by one worker
             num_workers=self.workers,
-            collate_fn=_collate,
+            collate_fn=_identity,
             pin_memory=self.device.type == "cuda",
             **extra,  # type: ignore[arg-type]
         )
 
     @property
     def skipped(self) -> int:
-        """Unreadable files met so far (each substituted by the next readable one)."""
+        """Unreadable images met so far (each substituted by the next readable one)."""
         return len(self.unreadable)
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -423,9 +498,25 @@ class StreamingBatches:
             self._iterator = iter(self._loader)  # persistent workers: reset, not re-forked
         batch = self._next_batch(step)
         self._next_step = step + 1
-        self._note(batch)
-        assert batch.images is not None  # _note raised otherwise
-        return batch.images.to(self.device, non_blocking=True), batch.indices
+        self._note(batch.views is None, batch.failures)
+        assert batch.views is not None  # _note raised otherwise
+        views = batch.views.to(self.device, non_blocking=True)
+        failed = decode_pending(views, batch.pending, self.settings.size, self.settings.channels)
+        if failed:
+            self._substitute(views, batch, failed)
+        return views, batch.indices
+
+    def _substitute(self, views: torch.Tensor, batch: _Batch, failed: list[int]) -> None:
+        """JPEGs the device could not decode: one line under strict, else the batch's first
+        good sample stands in (rare: the workers already parsed every header)."""
+        failures = [
+            (int(batch.indices[p]), self.index.name(int(batch.indices[p])), "nvJPEG refused it")
+            for p in failed
+        ]
+        good = next((p for p in range(len(batch.indices)) if p not in set(failed)), None)
+        self._note(self.index.strict or good is None, failures)
+        for position in failed:
+            views[position] = views[good]
 
     def _next_batch(self, step: int) -> _Batch:
         """The next batch; a worker's exception becomes a one-line DatasetError."""
@@ -443,27 +534,27 @@ class StreamingBatches:
                 "data.workers=0 the error shows where it comes from"
             ) from error
 
-    def _note(self, batch: _Batch) -> None:
-        """Raise a strict failure; warn once about substitutions and count them."""
-        if batch.images is None:
-            _, path, reason = batch.failures[0]
+    def _note(self, failed: bool, failures: list[tuple[int, str, str]]) -> None:
+        """Raise a batch that failed for good; warn once about substitutions and count them."""
+        if failed:
+            _, name, reason = failures[0]
             if self.index.strict:
-                raise DatasetError(_strict_message(path, reason))
+                raise DatasetError(_strict_message(name, reason))
             raise DatasetError(
-                f"{_SUBSTITUTE_TRIES} image files in a row from {path} cannot be read "
-                f"({reason}): check the folder"
+                f"{_SUBSTITUTE_TRIES} images in a row from {name} cannot be read "
+                f"({reason}): check the dataset"
             )
-        for i, path, reason in batch.failures:
+        for i, name, reason in failures:
             if i in self.unreadable:
                 continue
             if not self.unreadable:
                 logger.warning(
                     "unreadable image %s (%s): the next readable image stands in for it; "
-                    "further unreadable files are counted and reported at the end",
-                    path,
+                    "further unreadable images are counted and reported at the end",
+                    name,
                     reason,
                 )
-            self.unreadable[i] = path
+            self.unreadable[i] = name
 
     def close(self) -> None:
         """Stop the worker processes (idempotent)."""
@@ -475,7 +566,7 @@ class StreamingBatches:
             shutdown()
         if self.unreadable:
             logger.warning(
-                "%d unreadable image file(s) were substituted (first: %s)",
+                "%d unreadable image(s) were substituted (first: %s)",
                 len(self.unreadable),
                 next(iter(self.unreadable.values())),
             )

@@ -1,4 +1,4 @@
-"""Tests for mocov3.data.stream: the streamed folder pipeline against the in-memory path."""
+"""Tests for mocov3.data.stream: the streamed pipeline, its views and its failure modes."""
 
 from __future__ import annotations
 
@@ -14,15 +14,24 @@ from PIL import Image
 
 import mocov3.data.stream as stream
 from mocov3.config import Config
+from mocov3.data.counters import sample_keys
+from mocov3.data.crops import decode_views
 from mocov3.data.datasets import load_folder, load_split
 from mocov3.data.decode import decode_image
 from mocov3.data.images import ImageDataset
 from mocov3.data.sampling import StepSampler
-from mocov3.data.stream import FolderIndex, StreamingBatches, default_workers, resolve_loader
+from mocov3.data.stream import (
+    CropSettings,
+    StreamIndex,
+    StreamingBatches,
+    default_workers,
+    resolve_loader,
+)
 from mocov3.errors import ConfigError, DatasetError
 
 SIZE = 24
 CPU = torch.device("cpu")
+SCALE, RATIO = (0.08, 1.0), (3.0 / 4.0, 4.0 / 3.0)
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work
 
 # --------------------------------------------------------------------------- files
@@ -111,38 +120,57 @@ def assert_one_line(err: pytest.ExceptionInfo[DatasetError]) -> str:
 # --------------------------------------------------------------------------- index and decode
 
 
+def index_of(folder: Path, **kwargs: object) -> StreamIndex:
+    return StreamIndex.from_spec(f"folder:{folder}", "train", SIZE, **kwargs)  # type: ignore[arg-type]
+
+
+def settings_for(index: StreamIndex, seed: int = 0, reduce: bool = True) -> CropSettings:
+    return CropSettings(SIZE, index.channels, SCALE, RATIO, seed, reduce)
+
+
+def expected_views(
+    index: StreamIndex, indices: torch.Tensor, epoch: int, seed: int
+) -> torch.Tensor:
+    """Each sample's two views computed alone, from its file and its key."""
+    keys = sample_keys(seed, epoch, indices)
+    return torch.stack(
+        [
+            decode_views(index.records.read(i), keys[n : n + 1], SIZE, index.channels, SCALE, RATIO)
+            for n, i in enumerate(indices.tolist())
+        ]
+    )
+
+
 def test_index_lists_like_load_folder(folder: Path, memory: ImageDataset) -> None:
-    index = FolderIndex(folder, "train", SIZE)
+    index = index_of(folder)
     assert len(index) == len(memory) == 12 and index.classes == memory.classes == ["a", "b"]
     assert index.labels is not None and memory.labels is not None
     assert torch.equal(index.labels, memory.labels)
-    assert [index.name(i) for i in range(len(index))] == memory.names
+    assert [Path(index.name(i)).relative_to(folder).as_posix() for i in range(12)] == memory.names
     assert index.channels == memory.channels == 3
     # the sample covers all 12 images here, so the statistics should agree closely
     assert index.mean == pytest.approx(memory.mean, abs=0.01)
     assert index.std == pytest.approx(memory.std, abs=0.01)
-    assert len(FolderIndex.from_spec(f"folder:{folder}", "train", SIZE, subset=5)) == 5
-    with pytest.raises(DatasetError, match="not an image folder"):
-        FolderIndex.from_spec("synthetic", "train", SIZE)
+    assert len(index_of(folder, subset=5)) == 5
+    with pytest.raises(DatasetError, match="synthetic"):
+        StreamIndex.from_spec("synthetic", "train", SIZE)
 
 
 @pytest.mark.parametrize("channels", [3, 1])
 def test_decode_matches_memory_path(folder: Path, channels: int) -> None:
     # one decoder for both paths: the streamed image is the in-memory one, bit for bit
     reference = load_folder(folder, "train", SIZE, channels=channels)
-    index = FolderIndex(folder, "train", SIZE, channels=channels)
+    index = index_of(folder, channels=channels)
     for i in range(len(index)):
-        image = decode_image(index.path(i), SIZE, channels)
+        image = decode_image(index.records.read(i), SIZE, channels)
         assert image.shape == (channels, SIZE, SIZE) and image.dtype == torch.uint8
-        diff = mean_abs_diff(image, reference.images[i])
-        assert diff < 3, f"{index.name(i)} differs by {diff:.2f} grey levels"
         assert torch.equal(image, reference.images[i]), index.name(i)
 
 
 def test_grey_folder_is_one_channel(tmp_path: Path) -> None:
     smooth(0, (30, 30), "L").save(tmp_path / "a.jpg")
     smooth(1, (30, 30), "L").convert("P").save(tmp_path / "b.png")  # a grey palette
-    assert FolderIndex(tmp_path, "train", 8).channels == 1
+    assert index_of(tmp_path).channels == 1
 
 
 # --------------------------------------------------------------------------- batches
@@ -153,45 +181,45 @@ def collect(batches: StreamingBatches, steps: range) -> dict[int, tuple[torch.Te
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_batches_follow_the_sampler(folder: Path, memory: ImageDataset, workers: int) -> None:
-    index = FolderIndex(folder, "train", SIZE)
+def test_batches_follow_the_sampler(folder: Path, workers: int) -> None:
+    index = index_of(folder)
     sampler = StepSampler(len(index), global_batch=4, seed=3)
-    stream = index.dataset()
-    with StreamingBatches(index, sampler, CPU, workers=workers) as batches:
+    settings = settings_for(index, seed=3)
+    with StreamingBatches(index, sampler, CPU, settings, workers=workers) as batches:
         got = collect(batches, range(2 * sampler.steps_per_epoch))  # two epochs
         assert batches(1)[1].tolist() == sampler.indices(1).tolist()  # out of order: restart
         assert batches(2)[1].tolist() == sampler.indices(2).tolist()
-    for step, (images, indices) in got.items():
+    for step, (views, indices) in got.items():
         assert torch.equal(indices, sampler.indices(step))
-        assert images.shape == (4, 3, SIZE, SIZE) and images.dtype == torch.uint8
-        expected = torch.stack([stream.try_decode(i) for i in indices.tolist()])  # type: ignore[misc]
-        assert torch.equal(images, expected)
-        assert mean_abs_diff(images, memory.images[indices]) < 3
-    with StreamingBatches(index, sampler, CPU, workers=workers, start_step=4) as resumed:
+        assert views.shape == (4, 2, 3, SIZE, SIZE) and views.dtype == torch.uint8
+        epoch = sampler.epoch_and_position(step)[0]
+        assert torch.equal(views, expected_views(index, indices, epoch, seed=3))
+    assert not torch.equal(got[0][0][:, 0], got[0][0][:, 1])  # two different views
+    with StreamingBatches(index, sampler, CPU, settings, workers=workers, start_step=4) as resumed:
         for step in (4, 5):
-            images, indices = resumed(step)
-            assert torch.equal(indices, got[step][1]) and torch.equal(images, got[step][0])
+            views, indices = resumed(step)
+            assert torch.equal(indices, got[step][1]) and torch.equal(views, got[step][0])
 
 
 def test_two_ranks_see_every_sample_once_per_epoch(folder: Path) -> None:
-    index = FolderIndex(folder, "train", SIZE)
-    stream = index.dataset()
+    index = index_of(folder)
     seen: dict[int, list[int]] = {0: [], 1: []}
     for rank in (0, 1):
         sampler = StepSampler(len(index), global_batch=4, seed=7, rank=rank, world_size=2)
-        with StreamingBatches(index, sampler, CPU, workers=0) as batches:
+        with StreamingBatches(index, sampler, CPU, settings_for(index, 7), workers=0) as batches:
             for step in range(2 * sampler.steps_per_epoch):
-                images, indices = batches(step)
+                views, indices = batches(step)
+                epoch = sampler.epoch_and_position(step)[0]
                 assert len(indices) == 2
-                assert torch.equal(images[1], stream.try_decode(int(indices[1])))
-                seen[sampler.epoch_and_position(step)[0]].extend(indices.tolist())
+                assert torch.equal(views, expected_views(index, indices, epoch, seed=7))
+                seen[epoch].extend(indices.tolist())
     assert sorted(seen[0]) == sorted(seen[1]) == list(range(12))
 
 
 def test_strict_raises_one_line_error(bad_folder: Path) -> None:
-    index = FolderIndex(bad_folder, "train", SIZE, channels=3, strict=True)
+    index = index_of(bad_folder, channels=3, strict=True)
     sampler = StepSampler(len(index), global_batch=len(index), seed=0)
-    with StreamingBatches(index, sampler, CPU, workers=1) as batches:
+    with StreamingBatches(index, sampler, CPU, settings_for(index), workers=1) as batches:
         with pytest.raises(DatasetError) as err:
             batches(0)
     msg = assert_one_line(err)
@@ -203,17 +231,20 @@ def test_strict_raises_one_line_error(bad_folder: Path) -> None:
 def test_non_strict_substitutes_the_next_readable(
     bad_folder: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    index = FolderIndex(bad_folder, "train", SIZE)
-    assert len(index) == 13 and index.name(12) == "a/zz_corrupt.jpg"
+    index = index_of(bad_folder)
+    assert len(index) == 13 and index.name(12).endswith("a/zz_corrupt.jpg")
     sampler = StepSampler(len(index), global_batch=len(index), seed=0)
     with caplog.at_level(logging.WARNING, logger="mocov3.data.stream"):
-        with StreamingBatches(index, sampler, CPU, workers=1) as batches:
+        with StreamingBatches(index, sampler, CPU, settings_for(index), workers=1) as batches:
             for step in range(3):
-                images, indices = batches(step)
-                assert images.shape[0] == 13 and sorted(indices.tolist()) == list(range(13))
+                views, indices = batches(step)
+                assert views.shape[0] == 13 and sorted(indices.tolist()) == list(range(13))
                 where = indices.tolist().index(12)
-                stand_in = indices.tolist().index(0)  # (12 + 1) % 13: wraps to the first
-                assert torch.equal(images[where], images[stand_in])
+                # (12 + 1) % 13: the first image stands in, cut with the requested key
+                key = sample_keys(0, step, torch.tensor([12]))
+                data = index.records.read(0)
+                stand_in = decode_views(data, key, SIZE, 3, SCALE, RATIO)
+                assert torch.equal(views[where], stand_in)
             assert batches.skipped == 1
     warnings = [r.getMessage() for r in caplog.records if "zz_corrupt" in r.getMessage()]
     assert len(warnings) == 2  # once when met, once in the summary at close()
@@ -221,9 +252,9 @@ def test_non_strict_substitutes_the_next_readable(
 
 
 def test_close_stops_the_workers(folder: Path) -> None:
-    index = FolderIndex(folder, "train", SIZE)
+    index = index_of(folder)
     sampler = StepSampler(len(index), global_batch=4, seed=0)
-    batches = StreamingBatches(index, sampler, CPU, workers=2)
+    batches = StreamingBatches(index, sampler, CPU, settings_for(index), workers=2)
     batches(0)
     workers = [p for p in multiprocessing.active_children() if p.is_alive()]
     assert len(workers) >= 2
@@ -235,16 +266,24 @@ def test_close_stops_the_workers(folder: Path) -> None:
 
 
 def test_worker_exception_becomes_one_line(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(items: list[object]) -> object:
-        raise ValueError("collate broke\nacross lines")
+    def broken(*args: object) -> object:
+        raise ValueError("view boxes broke\nacross lines")
 
-    monkeypatch.setattr(stream, "default_collate", broken)  # inherited by the forked worker
-    index = FolderIndex(folder, "train", SIZE, channels=3)
+    monkeypatch.setattr(stream, "view_boxes", broken)  # inherited by the forked worker
+    index = index_of(folder, channels=3)
     sampler = StepSampler(len(index), global_batch=4, seed=0)
-    with StreamingBatches(index, sampler, CPU, workers=1) as batches:
+    with StreamingBatches(index, sampler, CPU, settings_for(index), workers=1) as batches:
         with pytest.raises(DatasetError) as err:
             batches(0)
     assert "across lines" in assert_one_line(err) and "data.workers=0" in str(err.value)
+
+
+def test_gpu_decoding_is_refused_without_a_gpu(folder: Path) -> None:
+    index = index_of(folder)
+    sampler = StepSampler(len(index), global_batch=4, seed=0)
+    settings = CropSettings(SIZE, 3, SCALE, RATIO, 0, True, "gpu")
+    with pytest.raises(ConfigError, match="data.decode=cpu"):
+        StreamingBatches(index, sampler, CPU, settings, workers=0)
 
 
 # --------------------------------------------------------------------------- policies
@@ -264,7 +303,7 @@ def test_resolve_loader() -> None:
     config = Config()
     assert resolve_loader(config) == "memory"  # fashion-mnist
     config.data.loader = "stream"
-    with pytest.raises(ConfigError, match="folders only"):
+    with pytest.raises(ConfigError, match="none of them"):
         resolve_loader(config)
     config.data.name, config.data.image_size, config.data.memory_limit_gb = "folder:/x", 100, 1.0
     assert resolve_loader(config, 10) == "stream"

@@ -1,0 +1,180 @@
+"""Random resized crops from the full-resolution image: the paper's input for streamed data.
+
+The reference applies ``RandomResizedCrop(224, scale=(0.08, 1))`` to each full-size image
+(Chen, Xie, He, ICCV 2021, Sec. 4 and its ``main_moco.py``): a crop's scale and aspect ratio
+are relative to the whole picture, and crops reach its borders. A streamed image is decoded
+once; each view's box is drawn in the original image's coordinates with
+``RandomResizedCrop.get_params``' rule (:func:`~mocov3.data.augment.sample_crop_boxes`: 10
+tries, then the centre fallback) from the sample's counter-based streams, the same streams
+the in-memory path crops with; the box is cut and resized to the output size with
+antialiasing. The flip, colour, blur and solarisation then run batched on the device
+(:meth:`~mocov3.data.augment.TwoViewAugment.__call__` with pre-cropped views). Every number
+depends on (seed, epoch, sample index) only, so world-size invariance and bit-exact resume
+hold as for in-memory data.
+
+Reduced-size decoding: when every view's box is at least ``r`` times the output size on its
+shorter side, an upright JPEG decodes at ``1 / r`` (r = 2, 4, 8; libjpeg's DCT scaling) and
+the boxes are divided by ``r``, sub-pixel exact, before resizing: the same crops from less
+decoding work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import InterpolationMode
+
+from mocov3.data.augment import STREAMS_PER_VIEW, sample_crop_boxes
+from mocov3.data.decode import Header, decode_full, decode_reduced, read_header
+
+REDUCTIONS = (8, 4, 2)  # libjpeg's DCT scalings, largest first
+VIEWS = 2
+
+
+class Box(NamedTuple):
+    """A crop box in an image's pixel coordinates (floats: a reduced image's are fractional)."""
+
+    top: float
+    left: float
+    height: float
+    width: float
+
+    def scaled(self, factor: int) -> Box:
+        return Box(*(value / factor for value in self))
+
+
+def view_boxes(
+    keys: torch.Tensor,
+    heights: torch.Tensor,
+    widths: torch.Tensor,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+) -> torch.Tensor:
+    """float64 ``[B, 2, 4]`` (top, left, h, w) of both views of each sample, view ``v`` drawn
+    from the crop streams of view ``v`` as the in-memory path draws them; ``heights`` and
+    ``widths``: each image's full size. One call for a batch (per image, the ~20 small torch
+    operations of the draw would cost as much as decoding it)."""
+    views = [
+        torch.stack(sample_crop_boxes(keys, v * STREAMS_PER_VIEW, heights, widths, scale, ratio), 1)
+        for v in range(VIEWS)
+    ]
+    return torch.stack(views, dim=1)
+
+
+def reduction(boxes: Sequence[Box], size: int) -> int:
+    """The largest DCT reduction that keeps every box at least ``size`` pixels on its
+    shorter side (so no view is upsampled from a reduced image); 1 when none does."""
+    shortest = min(min(box.height, box.width) for box in boxes)
+    return next((r for r in REDUCTIONS if shortest >= r * size), 1)
+
+
+def resized_crop(image: torch.Tensor | Image.Image, box: Box, size: int) -> torch.Tensor:
+    """``box`` of ``image`` resized to ``size`` x ``size`` (bilinear, antialiased), uint8
+    ``[C, size, size]``: the crop-then-resize of ``RandomResizedCrop``.
+
+    A tensor takes whole-pixel boxes (torchvision's ``resized_crop``, as the reference).
+    A PIL image (a reduced decode) takes fractional boxes: PIL's resize with a sub-pixel
+    ``box``, after cutting the pixels the box overlaps so that, like a crop, no pixel
+    outside it contributes. Both are the same triangle filter widened by the scale factor
+    (torchvision's antialiasing is a port of PIL's)."""
+    if isinstance(image, torch.Tensor):
+        top, left, h, w = (int(v) for v in box)
+        return TF.resized_crop(
+            image, top, left, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True
+        )
+    x0, y0 = math.floor(box.left), math.floor(box.top)
+    x1 = min(math.ceil(box.left + box.width), image.width)
+    y1 = min(math.ceil(box.top + box.height), image.height)
+    inside = (box.left - x0, box.top - y0, box.left + box.width - x0, box.top + box.height - y0)
+    region = image.crop((x0, y0, x1, y1))
+    out = region.resize((size, size), Image.Resampling.BILINEAR, box=inside)
+    array = torch.from_numpy(np.array(out))
+    return array.unsqueeze(0) if array.dim() == 2 else array.permute(2, 0, 1)
+
+
+def cut_views(
+    data: bytes, header: Header, boxes: torch.Tensor, size: int, channels: int, reduce: bool = True
+) -> torch.Tensor:
+    """The views ``boxes`` (``[V, 4]``, in the full image's coordinates) of one encoded image,
+    uint8 ``[V, C, size, size]``, decoded once at full size or, when the boxes allow and
+    ``reduce``, at a DCT-reduced size. Raises when the image cannot be decoded."""
+    view_list = [Box(*row) for row in boxes.tolist()]
+    factor = reduction(view_list, size) if reduce and header.reducible else 1
+    if factor > 1:
+        reduced, factor = decode_reduced(data, factor, channels)
+        return torch.stack([resized_crop(reduced, box.scaled(factor), size) for box in view_list])
+    image = decode_full(data, channels)
+    if tuple(image.shape[-2:]) != (header.height, header.width):
+        raise ValueError(
+            f"decoded size {tuple(image.shape[-2:])} differs from the header's "
+            f"{(header.height, header.width)}"
+        )
+    return torch.stack([resized_crop(image, box, size) for box in view_list])
+
+
+def decode_views(
+    data: bytes,
+    key: torch.Tensor,
+    size: int,
+    channels: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    reduce: bool = True,
+) -> torch.Tensor:
+    """Both views of one encoded image (``key``: its int64 [1] augmentation key), uint8
+    ``[2, C, size, size]``; what the streaming workers compute for each sample of a batch."""
+    header = read_header(data)
+    boxes = view_boxes(
+        key, torch.tensor([header.height]), torch.tensor([header.width]), scale, ratio
+    )
+    return cut_views(data, header, boxes[0], size, channels, reduce)
+
+
+# --------------------------------------------------------------------------- on the device
+
+
+@dataclass
+class Pending:
+    """A JPEG left for the main process to decode on the device: its batch position, bytes
+    and both views' boxes."""
+
+    position: int
+    data: bytes
+    boxes: torch.Tensor
+
+
+def decode_pending(
+    views: torch.Tensor, pending: list[Pending], size: int, channels: int
+) -> list[int]:
+    """Decode the batch's pending JPEGs on ``views``' device (nvJPEG on CUDA, through
+    torchvision) and cut their views into ``views``; returns the positions that could not be
+    decoded (the caller substitutes them)."""
+    if not pending:
+        return []
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    encoded = [torch.frombuffer(bytearray(p.data), dtype=torch.uint8) for p in pending]
+    try:
+        images = decode_jpeg(encoded, mode=mode, device=views.device)
+    except RuntimeError:  # one bad JPEG fails the whole list: decode them one by one
+        images = []
+        for data in encoded:
+            try:
+                images.append(decode_jpeg(data, mode=mode, device=views.device))
+            except RuntimeError:
+                images.append(None)
+    failed = []
+    for item, image in zip(pending, images, strict=True):
+        if image is None:
+            failed.append(item.position)
+            continue
+        for view, box in enumerate(item.boxes.tolist()):
+            views[item.position, view] = resized_crop(image, Box(*box), size)
+    return failed
