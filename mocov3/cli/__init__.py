@@ -11,10 +11,21 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from mocov3.cli import bench, embed, export, finetune, knn, linear, pretrain, report, study
+from mocov3.cli import (
+    bench,
+    embed,
+    export,
+    finetune,
+    knn,
+    linear,
+    pretrain,
+    report,
+    shards,
+    study,
+)
 from mocov3.errors import USER_ERRORS
 
-COMMANDS = (pretrain, knn, linear, finetune, embed, report, bench, export, study)
+COMMANDS = (pretrain, knn, linear, finetune, embed, report, bench, export, study, shards)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ from typing import Any
 from mocov3.cli.common import add_set_arg
 from mocov3.tools import bench
 from mocov3.tools.bench import DEFAULT_CONFIG, BenchSettings, run_bench
+from mocov3.tools.pipeline import run_bench_with_input
 
 COLUMNS = (
     ("row", "name", "<30", "{}"),
@@ -59,6 +60,14 @@ def format_table(result: dict[str, Any]) -> str:
         f"{result['mfu']:.1%}, {result['speedup_vs_baseline']:.2f}x the baseline, "
         f"augmentation {result['augmentation_share']:.1%} of the step",
     ]
+    if "bound" in result:
+        lines += [
+            f"input: {result['input_dataset']} ({result['input_images']} images, decode "
+            f"{result['input_decode']}): {result['input_images_per_second_per_worker']:.1f} "
+            f"img/s per worker, {result['input_images_per_second']:.1f} img/s with "
+            f"{result['input_workers']} worker(s); step {result['step_images_per_second']:.1f} "
+            f"img/s: bound by the {result['bound']} ({result['bound_ratio']:.2f}x)",
+        ]
     return "\n".join(lines)
 
 
@@ -81,7 +90,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
         skip_slow=args.skip_slow,
     )
-    result = run_bench(settings, (lambda line: None) if args.quiet else _progress)
+    progress = (lambda line: None) if args.quiet else _progress
+    if args.data:
+        result = run_bench_with_input(settings, args.data, args.input_workers, progress)
+    else:
+        result = run_bench(settings, progress)
     print(format_table(result))
     if args.json:
         print(json.dumps(result))
@@ -146,6 +159,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--json", action="store_true", help="print the results as one JSON object on the last line"
+    )
+    parser.add_argument(
+        "--data",
+        metavar="SOURCE",
+        help="also time the streamed input pipeline on this dataset (folder:PATH, "
+        "wds:PATTERN, hf:PATH) and say whether it or the step bounds training",
+    )
+    parser.add_argument(
+        "--input-workers",
+        type=int,
+        help="decode workers for --data (default: the trainer's default on this device)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.set_defaults(handler=cmd_bench)

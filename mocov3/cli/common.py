@@ -7,7 +7,9 @@ import argparse
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """``--data`` and ``--data-dir``, shared by every command that reads a dataset."""
-    parser.add_argument("--data", help="fashion-mnist | folder:PATH | synthetic")
+    parser.add_argument(
+        "--data", help="fashion-mnist | folder:PATH | wds:PATTERN | hf:PATH | synthetic"
+    )
     parser.add_argument("--data-dir", help="folder holding the Fashion-MNIST idx files")
 
 
