@@ -294,15 +294,31 @@ def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """Parse ``section.key=value``; the value is read as YAML (``[0.2, 1]``, ``true``)."""
+    """Parse ``section.key=value``; the value is read as YAML (``[0.2, 1]``, ``true``),
+    except for a text key (``data.name``, ``model.arch``, ...), whose value is taken as
+    written unless quoted: a path or spec such as ``wds:/data/a #1/{0..9}.tar`` is no YAML
+    mapping or comment."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     key, raw = text.split("=", 1)
+    key = key.strip()
+    literal = raw.strip() not in ("", "null", "~") and raw.strip()[:1] not in ("'", '"')
+    if literal and _is_text_key(key):
+        return key, raw.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except (yaml.YAMLError, ValueError, RecursionError):  # e.g. 2021-02-30 is not a date
         value = raw
-    return key.strip(), value
+    return key, value
+
+
+def _is_text_key(key: str) -> bool:
+    """Whether ``section.key`` is a field of type ``str`` (or ``str | None``)."""
+    section, _, name = key.partition(".")
+    section_type = _field_types(Config).get(section)
+    if section_type is None or not dataclasses.is_dataclass(section_type):
+        return False
+    return _field_types(section_type).get(name) in (str, str | None)
 
 
 def _nest(key: str, value: Any) -> dict[str, Any]:

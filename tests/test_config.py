@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from mocov3.cli import main
-from mocov3.config import Config, load_config
+from mocov3.config import Config, load_config, parse_override
 from mocov3.errors import ConfigError
 
 PRESETS = sorted(Path("configs").glob("*.yaml"))
@@ -156,3 +156,17 @@ def test_paper_small_departs_from_the_paper_only_in_scale():
     demo = _flat(load_config("configs/demo.yaml"))
     for key in ("model.embed_dim", "model.depth", "model.num_heads", "model.patch_size"):
         assert small[key] == demo[key]
+
+
+def test_text_keys_take_the_value_as_written():
+    """A dataset spec or path is no YAML: ``wds:`` would be a mapping, `` #1`` a comment."""
+    assert parse_override("data.name=wds:") == ("data.name", "wds:")
+    assert parse_override("data.name=folder:/data/run #1") == ("data.name", "folder:/data/run #1")
+    assert parse_override("data.name=wds:/s/{000..009}.tar") == (
+        "data.name",
+        "wds:/s/{000..009}.tar",
+    )
+    assert parse_override("data.data_dir=null") == ("data.data_dir", None)
+    assert parse_override("data.name='a: b'") == ("data.name", "a: b")  # quoted: YAML
+    assert parse_override("train.epochs=3") == ("train.epochs", 3)  # other keys: YAML
+    assert parse_override("augment.crop_scale=[0.2, 1]") == ("augment.crop_scale", [0.2, 1])

@@ -13,9 +13,10 @@ depends on (seed, epoch, sample index) only, so world-size invariance and bit-ex
 hold as for in-memory data.
 
 Reduced-size decoding: when every view's box is at least ``r`` times the output size on its
-shorter side, an upright JPEG decodes at ``1 / r`` (r = 2, 4, 8; libjpeg's DCT scaling) and
-the boxes are divided by ``r``, sub-pixel exact, before resizing: the same crops from less
-decoding work.
+shorter side, an upright JPEG of a megapixel or more decodes at ``1 / r`` (r = 2, 4, 8;
+libjpeg's DCT scaling) and the boxes are divided by ``r``, sub-pixel exact, before resizing:
+the same crops from less decoding work (1.5-3x faster on 2-12 MP photos; ImageNet-sized
+JPEGs decode at full size, where reducing would not pay).
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ from mocov3.data.augment import STREAMS_PER_VIEW, sample_crop_boxes
 from mocov3.data.decode import Header, decode_full, decode_reduced, read_header
 
 REDUCTIONS = (8, 4, 2)  # libjpeg's DCT scalings, largest first
+# Below about a megapixel a reduced decode saves less than it costs: libjpeg's entropy
+# decoding, which no scaling skips, dominates, and PIL's sub-pixel resize is slower than
+# torchvision's. Per image, one core, two views (benchmarks in docs/input.md): 500x375 at
+# 112 px 1.05 ms full vs 1.19 reduced; 1000x750 at 224 px 3.3 vs 3.7; 2000x1500 at 224 px
+# 11.5 vs 7.7; 4000x3000 at 224 px 60 vs 19.
+REDUCE_MIN_PIXELS = 1_000_000
 VIEWS = 2
 
 
@@ -107,7 +114,8 @@ def cut_views(
     uint8 ``[V, C, size, size]``, decoded once at full size or, when the boxes allow and
     ``reduce``, at a DCT-reduced size. Raises when the image cannot be decoded."""
     view_list = [Box(*row) for row in boxes.tolist()]
-    factor = reduction(view_list, size) if reduce and header.reducible else 1
+    large = header.height * header.width >= REDUCE_MIN_PIXELS
+    factor = reduction(view_list, size) if reduce and large and header.reducible else 1
     if factor > 1:
         reduced, factor = decode_reduced(data, factor, channels)
         return torch.stack([resized_crop(reduced, box.scaled(factor), size) for box in view_list])

@@ -31,6 +31,11 @@ class BatchSource(Protocol):
 
     def close(self) -> None: ...
 
+    @property
+    def skipped(self) -> int:
+        """Unreadable images met while streaming (substituted by readable ones)."""
+        ...
+
 
 class MemoryBatches:
     """Batches of an in-memory uint8 dataset: ``self(step)`` -> (images ``[b, C, H, W]``
@@ -45,6 +50,11 @@ class MemoryBatches:
 
     def close(self) -> None:
         """Nothing to release (streaming sources stop their workers here)."""
+
+    @property
+    def skipped(self) -> int:
+        """None: unreadable files were left out when the images were loaded."""
+        return 0
 
 
 def load_data(config: Config, with_test: bool = True) -> tuple[ImageDataset, ImageDataset | None]:
@@ -85,6 +95,7 @@ class TrainingData:
     index: StreamIndex | None = None
     knn_memory: ImageDataset | None = None
     test_set: ImageDataset | None = None
+    skipped: int = 0  # unreadable images left out of the in-memory training set
 
     def batch_source(
         self,
@@ -124,6 +135,7 @@ def load_training_data(config: Config, with_test: bool = True) -> TrainingData:
             images=train_set.images,
             knn_memory=labelled,
             test_set=test_set,
+            skipped=train_set.skipped,
         )
     index = StreamIndex.from_spec(
         d.name, "train", d.image_size, d.channels, d.strict, d.subset, config.train.seed

@@ -121,9 +121,11 @@ def run_bench_with_input(
     """``mocov3 bench`` on the preset with ``data.name`` set to ``data``, then the input
     pipeline on that dataset; the result adds the input fields and the bound."""
     settings = replace(settings, overrides=(*settings.overrides, f"data.name={data}"))
-    result = run_bench(settings, progress)
     config = load_config(settings.config, list(settings.overrides))
     device = resolve_device(settings.device or config.train.device)
-    result.update(measure_input(config, device, settings.seconds, workers, progress=progress))
+    # the input first: a missing or broken dataset fails before minutes of step timing
+    inputs = measure_input(config, device, settings.seconds, workers, progress=progress)
+    result = run_bench(settings, progress)
+    result.update(inputs)
     result.update(bound(result["input_images_per_second"], result["images_per_second"]))
     return result

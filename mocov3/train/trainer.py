@@ -251,6 +251,9 @@ class Trainer:
             return self._preempted()
         results.update(self.stats.summary(self.step, self.config.train.batch_size))
         results["instability_events"] = self.detector.summary()
+        assert self.batches is not None
+        # the in-memory set's left-out files, or those this process's stream substituted
+        results["unreadable_images"] = self.data.skipped + self.batches.skipped
         if self.resume_from is not None:
             results["resumed_from"] = str(self.resume_from)
         if self.config.eval.monitor_every:
