@@ -8,38 +8,30 @@ Every implementation is cheap to pickle and fork: per-item data lives in a few n
 whose pages forked workers share, where millions of Python objects would be copied into
 every worker by reference counting. Files are opened lazily, per process.
 
-WebDataset shards are read with stdlib ``tarfile`` for their headers only (each member's
-data offset and size), once per shard: the index is cached as a small ``.npz`` under
-``$MOCOV3_CACHE/shard-index`` (default ``~/.cache/mocov3``), keyed by the shard's path, size
-and mtime, so later runs and the other ranks do not rescan. ``read(i)`` is then one
-``os.pread``. webdataset's own readers are sequential iterators, hence this reader.
+WebDataset shards are indexed once (:mod:`mocov3.data.tar_index`: each sample's image
+offset and size, from a sidecar file beside the shard or a per-machine cache), and
+``read(i)`` is then one ``os.pread``. webdataset's own readers are sequential iterators,
+hence this reader.
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
-import hashlib
-import io
 import logging
 import os
-import re
-import tarfile
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from mocov3.data.folders import check_split, folder_root, list_folder_split
+from mocov3.data.tar_index import IMAGE_EXTENSIONS, OpenShards, decode_name, index_shard
 from mocov3.errors import DatasetError, one_line
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset("jpg jpeg png webp bmp gif tif tiff ppm pgm".split())
 SPEC_FORMS = "folder:PATH, wds:PATTERN or hf:PATH"
 _KINDS = ("folder", "wds", "hf")
 
@@ -197,188 +189,7 @@ def _directory_shards(path: str) -> list[str]:
     return shards
 
 
-# --------------------------------------------------------------------------- shard index
-
-_CACHE_VERSION = 1
-# WebDataset's key convention (webdataset.tariterators.base_plus_ext): the key is the path up
-# to the first dot of the basename, the extension is the rest
-_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-
-
-@dataclass
-class _ShardIndex:
-    """One shard's readable samples, and the ones left out (key '' stands for the shard)."""
-
-    members: np.ndarray  # S: the image member's name
-    offsets: np.ndarray  # int64: where its data starts
-    sizes: np.ndarray  # int64
-    labels: np.ndarray  # int64: the .cls value, -1 without one
-    drop_keys: np.ndarray  # S
-    drop_why: np.ndarray  # S
-
-
-def _enc(names: list[str]) -> np.ndarray:
-    """Names as one numpy bytes array (tar names may hold undecodable bytes)."""
-    return np.array([n.encode("utf-8", "surrogateescape") for n in names], dtype=bytes)
-
-
-def _dec(raw: bytes) -> str:  # the inverse of _enc
-    return raw.decode("utf-8", "surrogateescape")
-
-
-def _cache_path(path: str, st: os.stat_result) -> Path:
-    root = os.environ.get("MOCOV3_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or "~/.cache", "mocov3"
-    )
-    key = f"{_CACHE_VERSION}\0{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}"
-    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
-    return Path(root).expanduser() / "shard-index" / f"{digest}.npz"
-
-
-def _load_cached(cache: Path) -> _ShardIndex | None:
-    try:
-        with np.load(cache, allow_pickle=False) as z:
-            return _ShardIndex(**{name: z[name] for name in _ShardIndex.__dataclass_fields__})
-    except FileNotFoundError:
-        return None
-    except Exception as e:  # a corrupt or stale-format cache file is rebuilt, never fatal
-        logger.debug("ignoring shard index cache %s: %s", cache, e)
-        return None
-
-
-def _save_cached(cache: Path, index: _ShardIndex) -> None:
-    """Write atomically (temp file + rename): ranks indexing the same shard may race."""
-    tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp")
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        np.savez(buf, **vars(index))
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, cache)
-    except OSError as e:  # a read-only home must not stop training: index again next time
-        logger.warning("cannot cache the shard index in %s (%s): set MOCOV3_CACHE", cache, e)
-        tmp.unlink(missing_ok=True)
-
-
-def index_shard(path: str) -> _ShardIndex:
-    """The shard's index, from the cache when the file is unchanged since it was made."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise DatasetError(f"cannot read shard {path}: {one_line(e)}") from e
-    cache = _cache_path(path, st)
-    index = _load_cached(cache)
-    if index is None:
-        index = _scan_shard(path, st.st_size)
-        _save_cached(cache, index)
-    return index
-
-
-def _group(tar: tarfile.TarFile) -> list[tuple[str, dict[str, tarfile.TarInfo]]]:
-    """Consecutive members with one key form a sample, as webdataset groups them. A
-    ReadError past the first member (its data cut off) ends the walk."""
-    groups: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
-    with contextlib.suppress(tarfile.ReadError):
-        for info in tar:
-            match = _KEY.match(info.name)
-            if not info.isfile() or not match or info.name.rsplit("/", 1)[-1].startswith("."):
-                continue  # directories, names without an extension, macOS "._x.jpg" forks
-            key, ext = match.group(1), match.group(2).lower()
-            if not groups or groups[-1][0] != key:
-                groups.append((key, {}))
-            groups[-1][1].setdefault(ext, info)
-    return groups
-
-
-def _open_tar(path: str, f: BinaryIO) -> tarfile.TarFile:
-    if f.read(2) == b"\x1f\x8b":
-        raise DatasetError(f"{path} is gzip-compressed: random access needs plain .tar; gunzip it")
-    f.seek(0)
-    try:
-        return tarfile.open(fileobj=f, mode="r:")
-    except tarfile.TarError as e:
-        raise DatasetError(
-            f"{path} is not a tar file ({one_line(e)}): shards must be uncompressed .tar files"
-        ) from e
-
-
-def _scan_shard(path: str, file_size: int) -> _ShardIndex:
-    """Walk the tar headers once; keep the samples with an image member and all their data
-    inside the file (a truncated copy keeps its readable part)."""
-    keep: list[tuple[tarfile.TarInfo, int]] = []
-    dropped: list[tuple[str, str]] = []
-    with open(path, "rb") as f:
-        tar = _open_tar(path, f)
-        for key, members in _group(tar):
-            image = next((m for ext, m in members.items() if ext in IMAGE_EXTENSIONS), None)
-            if any(m.offset_data + m.size > file_size for m in members.values()):
-                dropped.append((key, "truncated: its data runs past the end of the shard"))
-            elif image is None:
-                dropped.append((key, f"no image member (has .{', .'.join(members)})"))
-            else:
-                keep.append((image, _read_label(path, f, members.get("cls"))))
-        if not dropped or not dropped[-1][1].startswith("truncated"):
-            if not _ends_well(f, tar.offset):
-                why = f"no tar header at byte {tar.offset}: later samples lost; copy it again"
-                dropped.append(("", why))
-    return _ShardIndex(
-        _enc([m.name for m, _ in keep]),
-        np.array([m.offset_data for m, _ in keep], dtype=np.int64),
-        np.array([m.size for m, _ in keep], dtype=np.int64),
-        np.array([label for _, label in keep], dtype=np.int64),
-        _enc([key for key, _ in dropped]),
-        _enc([why for _, why in dropped]),
-    )
-
-
-def _ends_well(f: BinaryIO, offset: int) -> bool:
-    """Whether the walk stopped at the tar end marker (a zero block), not at a cut or junk."""
-    f.seek(offset)
-    block = f.read(tarfile.BLOCKSIZE)
-    return len(block) == tarfile.BLOCKSIZE and block.count(0) == tarfile.BLOCKSIZE
-
-
-def _read_label(path: str, f: BinaryIO, info: tarfile.TarInfo | None) -> int:
-    """The .cls member's class number; -1 when the sample has none."""
-    if info is None:
-        return -1
-    f.seek(info.offset_data)
-    text = f.read(min(info.size, 64)).decode("ascii", "replace").strip()
-    if not text.isdigit():
-        raise DatasetError(
-            f"{path}:{info.name} holds {text[:20]!r}, not a class number: write each label "
-            "as a decimal integer >= 0"
-        )
-    return int(text)
-
-
 # --------------------------------------------------------------------------- shards
-
-
-class _Handles:
-    """This process's open shard files, at most ``limit`` (least recently used closed first):
-    random access touches every shard, and 1024 shards per worker would exceed ulimit -n."""
-
-    def __init__(self, limit: int = 64) -> None:
-        self.limit = limit
-        self._fds: dict[int, OrderedDict[int, int]] = {}
-
-    def fd(self, shard: int, path: str) -> int:
-        fds = self._fds.setdefault(os.getpid(), OrderedDict())  # a forked child opens its own
-        if shard in fds:
-            fds.move_to_end(shard)
-            return fds[shard]
-        while len(fds) >= self.limit:
-            os.close(fds.popitem(last=False)[1])
-        fds[shard] = os.open(path, os.O_RDONLY)
-        return fds[shard]
-
-    def close(self) -> None:
-        for fd in self._fds.pop(os.getpid(), {}).values():
-            os.close(fd)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"limit": self.limit, "_fds": {}}  # descriptors do not travel
 
 
 class ShardRecords:
@@ -401,7 +212,7 @@ class ShardRecords:
         with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
             indexes = list(pool.map(index_shard, self.urls))
         self.dropped = [
-            (f"{url}:{_dec(key)}" if key else url, _dec(why))
+            (f"{url}:{decode_name(key)}" if key else url, decode_name(why))
             for url, index in zip(self.urls, indexes, strict=True)
             for key, why in zip(index.drop_keys, index.drop_why, strict=True)
         ]
@@ -417,7 +228,7 @@ class ShardRecords:
             self._offset, self._size = self._offset[:subset], self._size[:subset]
             labels = None if labels is None else labels[:subset].copy()
         self.labels = None if labels is None else torch.from_numpy(labels)
-        self._handles = _Handles()
+        self._handles = OpenShards()
         if self.dropped:
             logger.warning("%s: left out %s; see .dropped", self.source, self._dropped_note())
 
@@ -461,7 +272,7 @@ class ShardRecords:
         return b"".join(chunks)
 
     def name(self, i: int) -> str:
-        return f"{self.urls[int(self._shard[i])]}:{_dec(self._member[i])}"
+        return f"{self.urls[int(self._shard[i])]}:{decode_name(self._member[i])}"
 
     def close(self) -> None:
         """Close this process's shard files (they also close when the process ends)."""

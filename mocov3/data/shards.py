@@ -32,7 +32,8 @@ import torch
 from mocov3.data.datasets import load_split
 from mocov3.data.folders import has_test_split
 from mocov3.data.images import ImageDataset
-from mocov3.data.records import CLASS_NAMES_FILE, IMAGE_EXTENSIONS, ImageRecords, open_records
+from mocov3.data.records import CLASS_NAMES_FILE, ImageRecords, open_records
+from mocov3.data.tar_index import IMAGE_EXTENSIONS, write_sidecar
 from mocov3.errors import DatasetError, one_line
 
 logger = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ def _prepare_out_dir(out_dir: Path) -> Path:
 
 def _remove_shards(out: Path) -> None:
     for prefix in PREFIXES.values():
-        for path in out.glob(f"{prefix}-*.tar"):
+        for path in out.glob(f"{prefix}-*.tar*"):  # the shards and their index sidecars
             path.unlink(missing_ok=True)
 
 
@@ -184,6 +185,8 @@ def _write_split(
             if labels is not None:
                 sample["cls"] = str(labels[i]).encode("ascii")
             writer.write(sample)
+    for shard in sorted(out.glob(f"{prefix}-*.tar")):
+        write_sidecar(str(shard))  # readers then never scan these shards
     return _split_summary(out, prefix, len(records))
 
 

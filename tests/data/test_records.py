@@ -101,16 +101,38 @@ def test_brace_directory_and_glob_forms_list_the_same_samples(shards, tmp_path: 
     assert [by_dir.name(i) for i in range(6)] == [by_brace.name(i) for i in range(6)]
 
 
+def no_tar(*args, **kwargs):
+    raise AssertionError("a shard was scanned again despite its saved index")
+
+
+def test_converted_shards_are_never_scanned(
+    shards, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mocov3 shards` writes each shard's index beside it; a copy with a new mtime keeps
+    it, a shard of another size does not."""
+    folder, _ = shards
+    assert len(list((tmp_path / "shards").glob("train-*.tar.idx.npz"))) == 3
+    monkeypatch.setattr(tarfile, "open", no_tar)
+    records = open_records(f"wds:{tmp_path / 'shards'}")
+    assert [records.read(i) for i in range(6)] == [folder.read(i) for i in range(6)]
+    assert not (cache_dir / "shard-index").exists()
+    os.utime(tmp_path / "shards" / "train-000001.tar", ns=(1, 1))  # copied: still trusted
+    open_records(f"wds:{tmp_path / 'shards'}")
+    with open(tmp_path / "shards" / "train-000001.tar", "ab") as shard:
+        shard.write(bytes(512))  # another size: the sidecar is not this shard's
+    with pytest.raises(AssertionError, match="scanned again"):
+        open_records(f"wds:{tmp_path / 'shards'}")
+
+
 def test_index_cache_is_used_on_the_second_open(
     shards, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Shards made elsewhere have no sidecar: the first open scans them into the cache."""
     folder, _ = shards
+    for sidecar in (tmp_path / "shards").glob("*.idx.npz"):
+        sidecar.unlink()
     first = open_records(f"wds:{tmp_path / 'shards'}")
     assert len(list((cache_dir / "shard-index").glob("*.npz"))) == 3
-
-    def no_tar(*args, **kwargs):
-        raise AssertionError("a shard was scanned again despite its cached index")
-
     monkeypatch.setattr(tarfile, "open", no_tar)
     again = open_records(f"wds:{tmp_path / 'shards'}")
     assert [again.read(i) for i in range(6)] == [folder.read(i) for i in range(6)]
