@@ -93,6 +93,9 @@ class Trainer:
         if evaluates and self.data.test_set is None:
             note = "note: no labelled val/ or test/ split, so kNN evaluation is skipped"
             print(note, file=sys.stderr)
+        if self.data.kind == "memory" and config.data.decode == "gpu":
+            note = "note: data.decode=gpu decodes streamed data; this run's images are in memory"
+            print(note, file=sys.stderr)
         # a resume keeps the plan (and its pending re-plans); a new budget bounds the time
         # of all sessions
         plan = saved_plan(state) if t.budget_minutes else None

@@ -227,3 +227,11 @@ def test_stream_is_refused_for_a_dataset_that_is_not_a_folder(tmp_path, capsys):
     assert main(tiny_pretrain(str(tmp_path / "run"), "--set", "data.loader=stream")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data.loader=stream reads image folders, shards" in err[0]
+
+
+def test_gpu_decoding_on_in_memory_data_says_it_does_nothing(tmp_path, capsys):
+    """data.decode=gpu concerns streamed data; an in-memory run says so instead of
+    silently ignoring it."""
+    args = tiny_pretrain(str(tmp_path / "run"), "--set", "data.decode=gpu", "--epochs", "1")
+    assert main([*args, "--set", "eval.knn_init=false", "--set", "eval.knn_final=false"]) == 0
+    assert "data.decode=gpu decodes streamed data" in capsys.readouterr().err
