@@ -66,9 +66,10 @@ class DataConfig:
     subset: int | None = None  # use the first N training images (tests, quick tries)
     synthetic_size: int = 2048  # number of generated training images for ``synthetic``
     strict: bool = False  # unreadable image files stop the run instead of being skipped
-    # memory: decode every training image once into a uint8 tensor; stream: decode each batch
-    # in DataLoader workers (folders only; for sets too large for memory); auto: memory
-    # unless a folder's decoded images would exceed data.memory_limit_gb
+    # memory: decode every training image once into a uint8 tensor; stream: cut each batch's
+    # views from the full-resolution images in DataLoader workers (folders, shards, Hugging
+    # Face datasets too large for memory); auto: memory unless such a dataset's decoded
+    # images would exceed data.memory_limit_gb
     loader: str = "auto"
     memory_limit_gb: float = 8.0
     workers: int | None = None  # stream: DataLoader worker processes (None: per machine)

@@ -71,6 +71,13 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _workers(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative: 0 decodes in the main process")
+    return value
+
+
 def _progress(line: str) -> None:
     print(f"bench: {line}", file=sys.stderr, flush=True)
 
@@ -168,8 +175,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--input-workers",
-        type=int,
-        help="decode workers for --data (default: the trainer's default on this device)",
+        type=_workers,
+        help="decode workers for --data (default: data.workers, else the trainer's default "
+        "on this device)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.set_defaults(handler=cmd_bench)

@@ -83,6 +83,11 @@ _FIRST_STREAM, _LAST_STREAM = _STREAM_FLIP, _STREAM_SOLARIZE  # drawn in one bat
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect-ratio range
 
 
+def crop_stream(view: int) -> int:
+    """The first crop stream of view ``view``: where both crop paths draw its box from."""
+    return view * STREAMS_PER_VIEW + _STREAM_CROP
+
+
 # ----------------------------------------------------------------------------- crop + flip
 
 

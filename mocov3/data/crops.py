@@ -33,7 +33,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
-from mocov3.data.augment import STREAMS_PER_VIEW, sample_crop_boxes
+from mocov3.data.augment import crop_stream, sample_crop_boxes
 from mocov3.data.decode import Header, decode_full, decode_reduced, read_header
 
 REDUCTIONS = (8, 4, 2)  # libjpeg's DCT scalings, largest first
@@ -70,7 +70,7 @@ def view_boxes(
     ``widths``: each image's full size. One call for a batch (per image, the ~20 small torch
     operations of the draw would cost as much as decoding it)."""
     views = [
-        torch.stack(sample_crop_boxes(keys, v * STREAMS_PER_VIEW, heights, widths, scale, ratio), 1)
+        torch.stack(sample_crop_boxes(keys, crop_stream(v), heights, widths, scale, ratio), 1)
         for v in range(VIEWS)
     ]
     return torch.stack(views, dim=1)
@@ -121,11 +121,17 @@ def cut_views(
         return torch.stack([resized_crop(reduced, box.scaled(factor), size) for box in view_list])
     image = decode_full(data, channels)
     if tuple(image.shape[-2:]) != (header.height, header.width):
-        raise ValueError(
-            f"decoded size {tuple(image.shape[-2:])} differs from the header's "
-            f"{(header.height, header.width)}"
-        )
+        raise SizeMismatch(*image.shape[-2:])
     return torch.stack([resized_crop(image, box, size) for box in view_list])
+
+
+class SizeMismatch(ValueError):
+    """The decoded image's size is not the header's (a format whose orientation the header
+    reading missed): the boxes must be drawn again for the real size."""
+
+    def __init__(self, height: int, width: int) -> None:
+        super().__init__(f"decoded size {height}x{width} differs from the header's")
+        self.header = Header(height, width, False)
 
 
 def decode_views(
@@ -140,10 +146,14 @@ def decode_views(
     """Both views of one encoded image (``key``: its int64 [1] augmentation key), uint8
     ``[2, C, size, size]``; what the streaming workers compute for each sample of a batch."""
     header = read_header(data)
-    boxes = view_boxes(
-        key, torch.tensor([header.height]), torch.tensor([header.width]), scale, ratio
-    )
-    return cut_views(data, header, boxes[0], size, channels, reduce)
+    for _ in range(2):
+        heights, widths = torch.tensor([header.height]), torch.tensor([header.width])
+        boxes = view_boxes(key, heights, widths, scale, ratio)[0]
+        try:
+            return cut_views(data, header, boxes, size, channels, reduce)
+        except SizeMismatch as mismatch:
+            header = mismatch.header
+    raise AssertionError("unreachable: the second try uses the decoded size")
 
 
 # --------------------------------------------------------------------------- on the device
@@ -161,28 +171,36 @@ class Pending:
 
 def decode_pending(
     views: torch.Tensor, pending: list[Pending], size: int, channels: int
-) -> list[int]:
+) -> list[Pending]:
     """Decode the batch's pending JPEGs on ``views``' device (nvJPEG on CUDA, through
-    torchvision) and cut their views into ``views``; returns the positions that could not be
-    decoded (the caller substitutes them)."""
+    torchvision) and cut their views into ``views``; returns the items the device could
+    not decode (the caller decodes them on the CPU)."""
     if not pending:
         return []
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     encoded = [torch.frombuffer(bytearray(p.data), dtype=torch.uint8) for p in pending]
     try:
         images = decode_jpeg(encoded, mode=mode, device=views.device)
-    except RuntimeError:  # one bad JPEG fails the whole list: decode them one by one
-        images = []
-        for data in encoded:
-            try:
-                images.append(decode_jpeg(data, mode=mode, device=views.device))
-            except RuntimeError:
-                images.append(None)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError:  # one refused JPEG fails the whole list: decode them one by one
+        images = [_decode_one(data, mode, views.device) for data in encoded]
     failed = []
     for item, image in zip(pending, images, strict=True):
         if image is None:
-            failed.append(item.position)
+            failed.append(item)
             continue
         for view, box in enumerate(item.boxes.tolist()):
             views[item.position, view] = resized_crop(image, Box(*box), size)
     return failed
+
+
+def _decode_one(
+    data: torch.Tensor, mode: ImageReadMode, device: torch.device
+) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(data, mode=mode, device=device)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError:  # an encoding nvJPEG does not support: libjpeg may still read it
+        return None

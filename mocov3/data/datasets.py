@@ -32,7 +32,7 @@ from mocov3.data.folders import (
     list_folder_split,
 )
 from mocov3.data.images import ImageDataset, channel_stats, resize_images
-from mocov3.data.records import ImageRecords, open_records, record_spec
+from mocov3.data.records import ImageRecords, open_records, record_spec, try_decode_record
 from mocov3.data.synthetic import make_synthetic
 from mocov3.errors import DatasetError, one_line
 
@@ -237,7 +237,7 @@ def load_records(
 
     def decode(indices: list[int]) -> list[torch.Tensor | str]:
         return _decode_all(
-            [lambda i=i: _read_decode(records, i, image_size, channels) for i in indices]
+            [lambda i=i: try_decode_record(records, i, image_size, channels) for i in indices]
         )
 
     pairs = [(label, i) for i, label in items]
@@ -246,16 +246,6 @@ def load_records(
     _check_bad(named_bad, tried, records.source, strict)
     names = [records.name(i) for _, i, _ in good]
     return _dataset(good, records.classes, channels, names, len(bad))
-
-
-def _read_decode(
-    records: ImageRecords, i: int, size: int, channels: int | None
-) -> torch.Tensor | str:
-    try:
-        data = records.read(i)
-    except OSError as error:
-        return f"{type(error).__name__}: {error}"
-    return try_decode(data, size, channels)
 
 
 def _dataset(
@@ -376,15 +366,17 @@ def load_split(
     strict: bool = False,
     subset: int | None = None,
 ) -> ImageDataset:
-    """Load one split of the dataset named by ``spec``: fashion-mnist | folder:PATH | synthetic.
+    """Load one split of the dataset named by ``spec`` into memory: fashion-mnist |
+    folder:PATH | wds:PATTERN | hf:PATH | synthetic.
 
-    ``image_size`` None keeps 28 for Fashion-MNIST and means 224 for folders, 32 for
-    synthetic data. Synthetic splits hold ``synthetic_size`` (train) and
-    ``max(512, synthetic_size // 4)`` (test) images. ``subset`` keeps the first N items;
-    for Fashion-MNIST it is taken *before* resizing, because all 60k images at 224 px RGB
-    are 9 GB and take tens of seconds to resize; for folders only the first N readable files
-    are decoded (statistics are then theirs), because a streamed folder may be far too large
-    to decode whole just to take a kNN subset of it.
+    ``image_size`` None keeps 28 for Fashion-MNIST and means 224 for folders, shards and
+    Hugging Face datasets, 32 for synthetic data. Synthetic splits hold ``synthetic_size``
+    (train) and ``max(512, synthetic_size // 4)`` (test) images. ``subset`` keeps the first
+    N items; for Fashion-MNIST it is taken *before* resizing, because all 60k images at 224
+    px RGB are 9 GB and take tens of seconds to resize; for folders only the first N
+    readable files are decoded (statistics are then theirs), because a streamed folder may
+    be far too large to decode whole just to take a kNN subset of it; for shards and Hugging
+    Face datasets it is the first N records, unreadable ones left out.
     """
     split = check_split(split)
     check_channels(channels)

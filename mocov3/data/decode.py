@@ -262,8 +262,10 @@ def read_header(data: bytes) -> Header:
     cannot identify the file."""
     with Image.open(io.BytesIO(data)) as img:
         width, height = img.size
-        jpeg = img.format == "JPEG"
-        orientation = img.getexif().get(_EXIF_ORIENTATION, 1) if jpeg else 1
+        jpeg = img.format in ("JPEG", "MPO")  # MPO: a camera's JPEG with extra frames
+        # the decoders apply every format's EXIF orientation but TIFF's, which PIL's TIFF
+        # reader has applied to the size already
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1) if img.format != "TIFF" else 1
         plain = jpeg and orientation == 1 and img.mode in ("L", "RGB")
     if orientation in (5, 6, 7, 8):  # rotated a quarter turn: viewed sideways
         width, height = height, width

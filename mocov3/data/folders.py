@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from mocov3.errors import DatasetError
+from mocov3.errors import DatasetError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +90,13 @@ def has_test_split(spec: str) -> bool:
         return False
     if kind.startswith("hf:"):
         splits = Path(spec.strip()[3:]).expanduser() / "dataset_dict.json"
-        return splits.is_file() and bool(
-            {"validation", "test"} & set(json.loads(splits.read_text()).get("splits", []))
-        )
+        try:
+            names = json.loads(splits.read_text()).get("splits", []) if splits.is_file() else []
+        except (OSError, ValueError, AttributeError) as e:
+            raise DatasetError(
+                f"cannot read {splits} ({one_line(e)}): save the dataset again"
+            ) from e
+        return bool({"validation", "test"} & set(names))
     root = folder_root(spec)
     if root is None:
         return True

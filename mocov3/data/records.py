@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from mocov3.data.decode import try_decode, unreadable_reason
 from mocov3.data.folders import check_split, folder_root, list_folder_split
 from mocov3.data.tar_index import IMAGE_EXTENSIONS, OpenShards, decode_name, index_shard
 from mocov3.errors import DatasetError, one_line
@@ -54,6 +55,17 @@ class ImageRecords(Protocol):
         ...
 
 
+def try_decode_record(
+    records: ImageRecords, i: int, size: int, channels: int | None
+) -> torch.Tensor | str:
+    """Record ``i`` decoded and centre-cropped to ``size``, or why it cannot be read."""
+    try:
+        data = records.read(i)
+    except OSError as error:
+        return unreadable_reason(error)
+    return try_decode(data, size, channels)
+
+
 def record_spec(spec: str) -> tuple[str, str] | None:
     """(kind, rest) of an encoded-image spec: kind 'folder', 'wds' or 'hf'; None for others
     (fashion-mnist, synthetic), which live in memory."""
@@ -73,8 +85,8 @@ def open_records(spec: str, split: str = "train", subset: int | None = None) -> 
     if kind == "wds":
         if split != "train":
             raise DatasetError(
-                f"{text}: WebDataset shards hold one split; give the evaluation split its own "
-                "wds: pattern (e.g. the val-*.tar shards of `mocov3 shards`)"
+                f"{text}: WebDataset shards hold one split, and evaluation does not read "
+                "shards yet: evaluate on the folder or Hugging Face dataset the shards came from"
             )
         return ShardRecords(expand_shards(rest), subset, source=text)
     if not rest:

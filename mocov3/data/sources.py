@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
@@ -23,18 +23,14 @@ from mocov3.data.folders import has_test_split
 from mocov3.data.images import ImageDataset
 from mocov3.data.records import record_spec
 from mocov3.data.sampling import StepSampler
-from mocov3.data.stream import StreamIndex, StreamingBatches, crop_settings, resolve_loader
+from mocov3.data.stream import StreamIndex, StreamingBatches, crop_settings
+from mocov3.errors import ConfigError
 
 
 class BatchSource(Protocol):
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def close(self) -> None: ...
-
-    @property
-    def skipped(self) -> int:
-        """Unreadable images met while streaming (substituted by readable ones)."""
-        ...
 
 
 class MemoryBatches:
@@ -50,11 +46,6 @@ class MemoryBatches:
 
     def close(self) -> None:
         """Nothing to release (streaming sources stop their workers here)."""
-
-    @property
-    def skipped(self) -> int:
-        """None: unreadable files were left out when the images were loaded."""
-        return 0
 
 
 def load_data(config: Config, with_test: bool = True) -> tuple[ImageDataset, ImageDataset | None]:
@@ -105,25 +96,60 @@ class TrainingData:
         start_step: int = 0,
         stop_step: int | None = None,
         local_processes: int = 1,
+        unreadable: dict[int, str] | None = None,
     ) -> BatchSource:
         """The batches of steps ``start_step`` to ``stop_step`` (streaming prefetches no
-        further); ``local_processes`` share this node's CPUs for decoding."""
+        further); ``local_processes`` share this node's CPUs for decoding; ``unreadable``
+        collects the images a stream substitutes (index -> name), across the sources a run
+        makes."""
         if self.images is not None:
             return MemoryBatches(self.images, sampler, device)
         assert self.index is not None
         settings = crop_settings(config, self.channels)
         return StreamingBatches(
             self.index, sampler, device, settings, config.data.workers, start_step, stop_step,
-            local_processes,
+            local_processes, unreadable,
         )  # fmt: skip
 
 
+LoaderKind = Literal["memory", "stream"]
+
+
+def resolve_loader(
+    config: Config, num_images: int | None = None, channels: int | None = None
+) -> LoaderKind:
+    """``data.loader`` resolved: auto -> memory for Fashion-MNIST and synthetic data, and for
+    folders, shards and Hugging Face datasets whose decoded uint8 images (N * C * S * S bytes,
+    ``data.subset`` applied; C is ``channels``, else ``data.channels``, else 3) fit in
+    ``data.memory_limit_gb`` (10^9 bytes); stream otherwise. ``num_images``: the dataset's
+    image count (a StreamIndex's len).
+    """
+    d = config.data
+    streamable = record_spec(d.name) is not None
+    if d.loader == "stream" and not streamable:
+        raise ConfigError(
+            f"data.loader=stream reads image folders, shards and Hugging Face datasets, and "
+            f"{d.name!r} is none of them: use data.loader=memory or auto"
+        )
+    if d.loader in ("memory", "stream"):
+        return d.loader  # type: ignore[return-value]
+    if not streamable:
+        return "memory"
+    if num_images is None:
+        raise ValueError("resolve_loader needs num_images for a streamable dataset")
+    n = min(num_images, d.subset or num_images)
+    c = channels or d.channels or 3
+    decoded = n * c * d.image_size * d.image_size
+    return "memory" if decoded <= d.memory_limit_gb * 1e9 else "stream"
+
+
 def load_training_data(config: Config, with_test: bool = True) -> TrainingData:
-    """The run's data: in memory (``load_data``), or a streamed folder when ``data.loader``
-    says stream, or says auto and the decoded folder would exceed ``data.memory_limit_gb``."""
+    """The run's data: in memory (``load_data``), or streamed (a folder, shards or a Hugging
+    Face dataset) when ``data.loader`` says stream, or says auto and the decoded images
+    would exceed ``data.memory_limit_gb``."""
     d = config.data
     if record_spec(d.name) is None or d.loader == "memory":
-        resolve_loader(config)  # refuses data.loader=stream for a dataset that is no folder
+        resolve_loader(config)  # refuses data.loader=stream for a dataset it cannot stream
         train_set, test_set = load_data(config, with_test)
         labelled = train_set if train_set.labels is not None else None
         return TrainingData(
@@ -161,7 +187,7 @@ def load_training_data(config: Config, with_test: bool = True) -> TrainingData:
 
 def knn_memory_size(config: Config, index: StreamIndex) -> int:
     """``eval.train_subset``, or as many images as a quarter of ``data.memory_limit_gb``
-    holds: a streamed folder is too large to hold whole for kNN."""
+    holds: a streamed dataset is too large to hold whole for kNN."""
     if config.eval.train_subset:
         return min(config.eval.train_subset, len(index))
     per_image = index.channels * config.data.image_size**2

@@ -9,9 +9,10 @@ the main process copies the uint8 views ``[b, 2, C, S, S]`` to the device (pinne
 a non-blocking copy on CUDA), and the rest of the batched augmentation runs there. With
 ``data.decode: gpu`` the workers read the bytes and draw the boxes, and the main process
 decodes the batch's JPEGs with nvJPEG (torchvision) and cuts the same boxes on the GPU.
-Index ``i`` names the same image as item ``i`` of the in-memory loader (same listing, same
-class interleaving), and a shard written from a folder keeps its order, so a sample's keys
-are the same whichever way it is read.
+Index ``i`` names the same file as item ``i`` of the in-memory loader's listing (same
+order, same class interleaving; the in-memory set then leaves unreadable files out, which
+shifts its later indices), and a shard written from a folder keeps its order, so a sample's
+keys are the same whichever way it is read.
 """
 
 from __future__ import annotations
@@ -32,16 +33,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from mocov3.config import Config
 from mocov3.data.counters import sample_keys
-from mocov3.data.crops import VIEWS, Pending, cut_views, decode_pending, view_boxes
+from mocov3.data.crops import VIEWS, Pending, SizeMismatch, cut_views, decode_pending, view_boxes
 from mocov3.data.decode import (
     Header,
     one_thread,
     palette_is_grey,
     read_header,
-    try_decode,
     unreadable_reason,
 )
-from mocov3.data.records import ImageRecords, open_records, record_spec
+from mocov3.data.records import ImageRecords, open_records, try_decode_record
 from mocov3.data.sampling import StepSampler
 from mocov3.errors import ConfigError, DatasetError
 
@@ -153,7 +153,7 @@ class StreamIndex:
         count = 0
         with one_thread():
             for i in self._sample():
-                image = _try_read(self.records, i, self.image_size, self.channels)
+                image = try_decode_record(self.records, i, self.image_size, self.channels)
                 if isinstance(image, str) and self.strict:  # fail before training starts
                     raise DatasetError(_strict_message(self.name(i), image))
                 if isinstance(image, str):
@@ -178,15 +178,6 @@ class StreamIndex:
     @property
     def std(self) -> tuple[float, ...]:
         return self._stats[1]
-
-
-def _try_read(records: ImageRecords, i: int, size: int, channels: int | None) -> torch.Tensor | str:
-    """Image ``i`` centre-cropped to ``size``, or why it cannot be read."""
-    try:
-        data = records.read(i)
-    except OSError as error:
-        return f"{type(error).__name__}: {error}"
-    return try_decode(data, size, channels)
 
 
 # --------------------------------------------------------------------------- the workers
@@ -228,6 +219,7 @@ class _Batch:
 
     views: torch.Tensor | None
     indices: torch.Tensor
+    epoch: int
     failures: list[tuple[int, str, str]] = field(default_factory=list)
     pending: list[Pending] = field(default_factory=list)
 
@@ -267,8 +259,11 @@ class BatchDecoder(Dataset[_Batch]):
             return self._unreadable[i]
         try:
             data = self.records.read(i)
+        except OSError as error:  # maybe passing (a network file system): not remembered
+            return unreadable_reason(error)
+        try:
             return _Readable(i, data, read_header(data))
-        except Exception as error:  # noqa: BLE001  readers and PIL raise many types
+        except Exception as error:  # noqa: BLE001  PIL raises many types on corrupt input
             self._unreadable[i] = unreadable_reason(error)
             return self._unreadable[i]
 
@@ -283,7 +278,7 @@ class BatchDecoder(Dataset[_Batch]):
         heights, widths = torch.tensor(sizes, dtype=torch.float64).unbind(1)
         boxes = view_boxes(keys, heights, widths, s.scale, s.ratio)
         views = torch.empty(len(found), VIEWS, s.channels, s.size, s.size, dtype=torch.uint8)
-        batch = _Batch(views, indices)
+        batch = _Batch(views, indices, request.epoch)
         for position, readable in enumerate(found):
             if not self._fill(
                 batch, position, readable, keys[position : position + 1], boxes[position]
@@ -298,38 +293,64 @@ class BatchDecoder(Dataset[_Batch]):
         position: int,
         readable: _Readable | str,
         key: torch.Tensor,
-        boxes: torch.Tensor,
+        boxes: torch.Tensor | None,
+        on_device: bool = True,
     ) -> bool:
-        """Put sample ``position``'s views into the batch, substituting unreadable images;
-        False when it failed for good."""
-        s = self.settings
+        """Put sample ``position``'s views into the batch (or, for ``data.decode: gpu``, its
+        JPEG into ``batch.pending``), substituting unreadable images; False when it failed
+        for good. ``boxes``: the requested image's, when already drawn."""
         i = int(batch.indices[position])
         for tries in range(min(len(self), _SUBSTITUTE_TRIES)):
             j = (i + tries) % len(self)
             if tries:
-                readable = self._read(j)
-                if isinstance(readable, _Readable):
-                    h, w = (
-                        torch.tensor([readable.header.height]),
-                        torch.tensor([readable.header.width]),
-                    )
-                    boxes = view_boxes(key, h, w, s.scale, s.ratio)[0]
+                readable, boxes = self._read(j), None
             if isinstance(readable, _Readable):
-                if s.decode == "gpu" and readable.header.reducible:
+                if boxes is None:
+                    boxes = self._boxes(key, readable.header)
+                if on_device and self.settings.decode == "gpu" and readable.header.reducible:
                     batch.pending.append(Pending(position, readable.data, boxes))
                     return True
-                try:
+                views = self._cut(readable, key, boxes)
+                if isinstance(views, torch.Tensor):
                     assert batch.views is not None
-                    batch.views[position] = cut_views(
-                        readable.data, readable.header, boxes, s.size, s.channels, s.reduce
-                    )
+                    batch.views[position] = views
                     return True
-                except Exception as error:  # noqa: BLE001  decoders raise many types
-                    readable = self._unreadable[j] = unreadable_reason(error)
+                readable = views
             batch.failures.append((j, self.records.name(j), readable))
             if self.strict:
                 return False
         return False
+
+    def _boxes(self, key: torch.Tensor, header: Header) -> torch.Tensor:
+        heights, widths = torch.tensor([header.height]), torch.tensor([header.width])
+        return view_boxes(key, heights, widths, self.settings.scale, self.settings.ratio)[0]
+
+    def _cut(
+        self, readable: _Readable, key: torch.Tensor, boxes: torch.Tensor
+    ) -> torch.Tensor | str:
+        """Both views of a read image, or why it cannot be decoded (remembered)."""
+        s = self.settings
+        try:
+            try:
+                return cut_views(
+                    readable.data, readable.header, boxes, s.size, s.channels, s.reduce
+                )
+            except SizeMismatch as mismatch:  # the header misled: draw for the decoded size
+                boxes = self._boxes(key, mismatch.header)
+                return cut_views(
+                    readable.data, mismatch.header, boxes, s.size, s.channels, s.reduce
+                )
+        except Exception as error:  # noqa: BLE001  decoders raise many types
+            self._unreadable[readable.index] = unreadable_reason(error)
+            return self._unreadable[readable.index]
+
+    def fill_on_cpu(self, batch: _Batch, item: Pending) -> bool:
+        """A JPEG the device could not decode: decode it here (the main process), or
+        substitute it as a worker would; False when it failed for good."""
+        i = int(batch.indices[item.position])
+        key = sample_keys(self.settings.seed, batch.epoch, torch.tensor([i]))
+        readable = self._read(i)
+        return self._fill(batch, item.position, readable, key, item.boxes, on_device=False)
 
 
 class _StepBatches:
@@ -395,37 +416,6 @@ def default_workers(
     return max(0, min(per_process - 1, MAX_WORKERS))
 
 
-LoaderKind = Literal["memory", "stream"]
-
-
-def resolve_loader(
-    config: Config, num_images: int | None = None, channels: int | None = None
-) -> LoaderKind:
-    """``data.loader`` resolved: auto -> memory for Fashion-MNIST and synthetic data, and for
-    folders, shards and Hugging Face datasets whose decoded uint8 images (N * C * S * S bytes,
-    ``data.subset`` applied; C is ``channels``, else ``data.channels``, else 3) fit in
-    ``data.memory_limit_gb`` (10^9 bytes); stream otherwise. ``num_images``: the dataset's
-    image count (a StreamIndex's len).
-    """
-    d = config.data
-    streamable = record_spec(d.name) is not None
-    if d.loader == "stream" and not streamable:
-        raise ConfigError(
-            f"data.loader=stream reads image folders, shards and Hugging Face datasets, and "
-            f"{d.name!r} is none of them: use data.loader=memory or auto"
-        )
-    if d.loader in ("memory", "stream"):
-        return d.loader  # type: ignore[return-value]
-    if not streamable:
-        return "memory"
-    if num_images is None:
-        raise ValueError("resolve_loader needs num_images for a streamable dataset")
-    n = min(num_images, d.subset or num_images)
-    c = channels or d.channels or 3
-    decoded = n * c * d.image_size * d.image_size
-    return "memory" if decoded <= d.memory_limit_gb * 1e9 else "stream"
-
-
 class StreamingBatches:
     """Batches of a streamed dataset, a :class:`~mocov3.data.sources.BatchSource`:
     ``self(step)`` -> (uint8 views ``[b, 2, C, S, S]`` on ``device``, indices ``[b]``), each
@@ -448,6 +438,7 @@ class StreamingBatches:
         start_step: int = 0,
         stop_step: int | None = None,
         local_processes: int = 1,
+        unreadable: dict[int, str] | None = None,
     ) -> None:
         if sampler.num_images != len(index):
             raise ValueError(f"sampler covers {sampler.num_images} images, index {len(index)}")
@@ -463,10 +454,14 @@ class StreamingBatches:
         self.workers = workers
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
-        self.unreadable: dict[int, str] = {}  # index -> name of each unreadable image met
+        # index -> name of each unreadable image met; a dict given by the caller is shared
+        # with earlier sources of the run, and the caller reports it
+        self._reports = unreadable is None
+        self.unreadable: dict[int, str] = {} if unreadable is None else unreadable
         self._batch_sampler = _StepBatches(sampler, start_step, stop_step)
         decoder = BatchDecoder(index.records, settings, index.strict)
         self._loader: DataLoader | None = self._make_loader(decoder)
+        self._cpu_decoder: BatchDecoder | None = None  # JPEGs the device refuses
         self._iterator: Iterator[_Batch] | None = None
         self._next_step = start_step
 
@@ -503,20 +498,17 @@ class StreamingBatches:
         views = batch.views.to(self.device, non_blocking=True)
         failed = decode_pending(views, batch.pending, self.settings.size, self.settings.channels)
         if failed:
-            self._substitute(views, batch, failed)
+            self._decode_on_cpu(views, batch, failed)
         return views, batch.indices
 
-    def _substitute(self, views: torch.Tensor, batch: _Batch, failed: list[int]) -> None:
-        """JPEGs the device could not decode: one line under strict, else the batch's first
-        good sample stands in (rare: the workers already parsed every header)."""
-        failures = [
-            (int(batch.indices[p]), self.index.name(int(batch.indices[p])), "nvJPEG refused it")
-            for p in failed
-        ]
-        good = next((p for p in range(len(batch.indices)) if p not in set(failed)), None)
-        self._note(self.index.strict or good is None, failures)
-        for position in failed:
-            views[position] = views[good]
+    def _decode_on_cpu(self, views: torch.Tensor, batch: _Batch, failed: list[Pending]) -> None:
+        """JPEGs the device refused (rare: the workers parsed every header): decoded here on
+        the CPU, or substituted as a worker substitutes, into the device's views."""
+        if self._cpu_decoder is None:
+            self._cpu_decoder = BatchDecoder(self.index.records, self.settings, self.index.strict)
+        on_device = _Batch(views, batch.indices, batch.epoch)
+        done = all(self._cpu_decoder.fill_on_cpu(on_device, item) for item in failed)
+        self._note(not done, on_device.failures)
 
     def _next_batch(self, step: int) -> _Batch:
         """The next batch; a worker's exception becomes a one-line DatasetError."""
@@ -564,18 +556,20 @@ class StreamingBatches:
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
-        if self.unreadable:
-            logger.warning(
-                "%d unreadable image(s) were substituted (first: %s)",
-                len(self.unreadable),
-                next(iter(self.unreadable.values())),
-            )
+        if self.unreadable and self._reports:
+            report_unreadable(self.unreadable)
 
     def __enter__(self) -> StreamingBatches:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def report_unreadable(unreadable: dict[int, str]) -> None:
+    """The warning that sums up a stream's substituted images."""
+    first = next(iter(unreadable.values()))
+    logger.warning("%d unreadable image(s) were substituted (first: %s)", len(unreadable), first)
 
 
 def _last_line(error: BaseException) -> str:

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import tarfile
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,7 @@ def encode_names(names: list[str]) -> np.ndarray:
     return np.array([n.encode("utf-8", "surrogateescape") for n in names], dtype=bytes)
 
 
-def decode_name(raw: bytes) -> str:  # the inverse of _enc
+def decode_name(raw: bytes) -> str:  # the inverse of encode_names
     return raw.decode("utf-8", "surrogateescape")
 
 
@@ -121,7 +122,10 @@ def index_shard(path: str) -> ShardIndex:
         cache = _cache_path(path, st)
         index = _load_index(cache)
         if index is None:
-            index = _scan_shard(path, st.st_size)
+            try:
+                index = _scan_shard(path, st.st_size)
+            except OSError as e:  # unreadable (permissions, I/O): one line, not a traceback
+                raise DatasetError(f"cannot read shard {path}: {one_line(e)}") from e
             _save_index(cache, index, st.st_size)
     return index
 
@@ -205,26 +209,40 @@ def _read_label(path: str, f: BinaryIO, info: tarfile.TarInfo | None) -> int:
 
 
 class OpenShards:
-    """This process's open shard files, at most ``limit`` (least recently used closed first):
-    random access touches every shard, and 1024 shards per worker would exceed ulimit -n."""
+    """The shard files open in this thread, at most ``limit`` (least recently used closed
+    first): random access touches every shard, and 1024 shards per worker would exceed
+    ulimit -n. Per thread, because in-memory loading and the converter read from a thread
+    pool, where one thread could close a file another is reading; a thread's files close
+    when it ends, and a forked worker closes the ones it inherited and opens its own."""
 
     def __init__(self, limit: int = 64) -> None:
         self.limit = limit
-        self._fds: dict[int, OrderedDict[int, int]] = {}
+        self._local = threading.local()
+
+    def _files(self) -> OrderedDict[int, BinaryIO]:
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.pid, local.files = os.getpid(), OrderedDict()
+        return local.files
 
     def fd(self, shard: int, path: str) -> int:
-        fds = self._fds.setdefault(os.getpid(), OrderedDict())  # a forked child opens its own
-        if shard in fds:
-            fds.move_to_end(shard)
-            return fds[shard]
-        while len(fds) >= self.limit:
-            os.close(fds.popitem(last=False)[1])
-        fds[shard] = os.open(path, os.O_RDONLY)
-        return fds[shard]
+        files = self._files()
+        if shard in files:
+            files.move_to_end(shard)
+            return files[shard].fileno()
+        while len(files) >= self.limit:
+            files.popitem(last=False)[1].close()
+        files[shard] = open(path, "rb", buffering=0)  # noqa: SIM115  kept open on purpose
+        return files[shard].fileno()
 
     def close(self) -> None:
-        for fd in self._fds.pop(os.getpid(), {}).values():
-            os.close(fd)
+        """Close this thread's files."""
+        files = self._files()
+        while files:
+            files.popitem()[1].close()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"limit": self.limit, "_fds": {}}  # descriptors do not travel
+        return {"limit": self.limit}  # open files do not travel
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["limit"])  # type: ignore[misc]

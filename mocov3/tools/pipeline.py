@@ -57,7 +57,8 @@ def measure_input(
     progress: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Input images/s of the streamed dataset ``config.data.name``: per worker (one thread
-    in this process) and in total with ``workers`` (None: the trainer's default here)."""
+    in this process) and in total with ``workers`` (None: ``data.workers``, else the
+    trainer's default on this device)."""
     d = config.data
     index = StreamIndex.from_spec(
         d.name, "train", d.image_size, d.channels, d.strict, d.subset, config.train.seed
@@ -81,7 +82,7 @@ def measure_input(
     with one_thread():
         per_worker, _ = _timed(one_worker, seconds / 2, max_batches)
     if workers is None:
-        workers = default_workers(device_type=device.type)
+        workers = d.workers if d.workers is not None else default_workers(device_type=device.type)
     progress(f"input: {workers} worker(s), copying to {device}")
     with StreamingBatches(index, sampler, device, settings, workers) as source:
 
@@ -96,6 +97,7 @@ def measure_input(
         "input_images": len(index),
         "input_batch": batch,
         "input_workers": workers,
+        "input_channels": index.channels,
         "input_decode": d.decode,
         "input_images_per_second_per_worker": per_worker,
         "input_images_per_second": total,
@@ -125,7 +127,9 @@ def run_bench_with_input(
     device = resolve_device(settings.device or config.train.device)
     # the input first: a missing or broken dataset fails before minutes of step timing
     inputs = measure_input(config, device, settings.seconds, workers, progress=progress)
-    result = run_bench(settings, progress)
+    # the step on the model training on this data builds (a grey dataset: one channel)
+    channels = f"data.channels={inputs['input_channels']}"
+    result = run_bench(replace(settings, overrides=(*settings.overrides, channels)), progress)
     result.update(inputs)
     result.update(bound(result["input_images_per_second"], result["images_per_second"]))
     return result

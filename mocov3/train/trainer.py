@@ -1,6 +1,6 @@
 """The pretraining loop: build what a run needs, then step, watch, checkpoint, evaluate.
 
-Data in memory as uint8 (or a streamed folder), batched two-view augmentation on the
+Data in memory as uint8 (or streamed views), batched two-view augmentation on the
 training device, bf16 autocast where it is fast, per-iteration lr and momentum schedules,
 kNN before, during and after training, ``metrics.jsonl`` and TensorBoard, checkpoints that
 resume bit for bit, and SIGTERM handling. Each job has its own module; this one wires them
@@ -26,6 +26,7 @@ from mocov3.data.augment import TwoViewAugment
 from mocov3.data.counters import sample_keys
 from mocov3.data.sampling import StepSampler, per_process_batch
 from mocov3.data.sources import BatchSource, load_training_data
+from mocov3.data.stream import report_unreadable
 from mocov3.errors import TrainingError
 from mocov3.models.moco import MoCo, build_moco
 from mocov3.runtime.device import resolve_device, start_runtime
@@ -124,6 +125,7 @@ class Trainer:
         self._budget_stop = False  # the time budget ran out before the planned steps
         self._eval_seconds_per_image: float | None = None  # measured by the kNN at init
         self.batches: BatchSource | None = None
+        self.unreadable: dict[int, str] = {}  # images the streams substituted this session
         if state is not None:
             self._restore(state)
         self.batches = self._batch_source(self.step, self.schedules.total_steps)
@@ -133,7 +135,9 @@ class Trainer:
 
     def _batch_source(self, start: int, stop: int) -> BatchSource:
         local = self.process.local_world_size
-        return self.data.batch_source(self.sampler, self.device, self.config, start, stop, local)
+        return self.data.batch_source(
+            self.sampler, self.device, self.config, start, stop, local, self.unreadable
+        )
 
     def elapsed(self) -> float:
         """Wall seconds this run has used, earlier sessions included."""
@@ -254,9 +258,10 @@ class Trainer:
             return self._preempted()
         results.update(self.stats.summary(self.step, self.config.train.batch_size))
         results["instability_events"] = self.detector.summary()
-        assert self.batches is not None
-        # the in-memory set's left-out files, or those this process's stream substituted
-        results["unreadable_images"] = self.data.skipped + self.batches.skipped
+        # the in-memory set's left-out files, or those this process's streams substituted
+        results["unreadable_images"] = self.data.skipped + len(self.unreadable)
+        if self.unreadable:
+            report_unreadable(self.unreadable)
         if self.resume_from is not None:
             results["resumed_from"] = str(self.resume_from)
         if self.config.eval.monitor_every:

@@ -18,6 +18,7 @@ from mocov3.data.counters import sample_keys
 from mocov3.data.crops import (
     Box,
     Pending,
+    SizeMismatch,
     cut_views,
     decode_pending,
     decode_views,
@@ -25,7 +26,7 @@ from mocov3.data.crops import (
     resized_crop,
     view_boxes,
 )
-from mocov3.data.decode import decode_full, read_header
+from mocov3.data.decode import Header, decode_full, read_header
 
 SCALE, RATIO = (0.08, 1.0), (3.0 / 4.0, 4.0 / 3.0)
 DRAWS = 20_000
@@ -182,7 +183,7 @@ def test_device_decoding_cuts_the_same_views() -> None:
     views = torch.zeros(3, 2, 3, 64, 64, dtype=torch.uint8)
     broken = Pending(2, datas[2][:200], boxes[2])  # cut short: refused
     pending = [Pending(0, datas[0], boxes[0]), Pending(1, datas[1], boxes[1]), broken]
-    assert decode_pending(views, pending, 64, 3) == [2]
+    assert decode_pending(views, pending, 64, 3) == [broken]  # left for the CPU
     for i in (0, 1):
         expected = cut_views(datas[i], read_header(datas[i]), boxes[i], 64, 3, reduce=False)
         assert torch.equal(views[i], expected)
@@ -202,3 +203,31 @@ def test_precropped_views_augment_like_whole_images() -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="16x16"):
         augment(torch.zeros(2, 2, 3, 8, 8, dtype=torch.uint8), keys[:2])
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "MPO", "JPEG"])
+def test_exif_rotation_of_every_format_is_read_from_the_header(fmt: str) -> None:
+    """The decoders rotate PNG, WebP and MPO (a camera's JPEG) by their EXIF orientation as
+    well as JPEG: the header must say the rotated size, or every view would be drawn for
+    the wrong shape."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees to view
+    stored = Image.fromarray(np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3) % 251)
+    buffer = io.BytesIO()
+    stored.save(buffer, fmt, exif=exif.tobytes())
+    data = buffer.getvalue()
+    header = read_header(data)
+    assert tuple(decode_full(data, 3).shape[1:]) == (header.height, header.width) == (60, 40)
+    views = decode_views(data, sample_keys(0, 0, torch.arange(1)), 16, 3, SCALE, RATIO)
+    assert views.shape == (2, 3, 16, 16)
+
+
+def test_a_header_that_misleads_gets_boxes_for_the_decoded_size() -> None:
+    """Whatever the header says, the views are drawn for the decoded image's real size."""
+    data = photo(500, 375)
+    wrong = Header(200, 100, False)
+    keys = sample_keys(0, 0, torch.arange(1))
+    boxes = view_boxes(keys, torch.tensor([200.0]), torch.tensor([100.0]), SCALE, RATIO)[0]
+    with pytest.raises(SizeMismatch) as mismatch:
+        cut_views(data, wrong, boxes, 32, 3)
+    assert (mismatch.value.header.height, mismatch.value.header.width) == (375, 500)

@@ -14,18 +14,21 @@ from PIL import Image
 
 import mocov3.data.stream as stream
 from mocov3.config import Config
+from mocov3.data import crops
 from mocov3.data.counters import sample_keys
-from mocov3.data.crops import decode_views
+from mocov3.data.crops import decode_pending, decode_views
 from mocov3.data.datasets import load_folder, load_split
 from mocov3.data.decode import decode_image
 from mocov3.data.images import ImageDataset
 from mocov3.data.sampling import StepSampler
+from mocov3.data.sources import resolve_loader
 from mocov3.data.stream import (
+    BatchDecoder,
     CropSettings,
     StreamIndex,
     StreamingBatches,
     default_workers,
-    resolve_loader,
+    request_for,
 )
 from mocov3.errors import ConfigError, DatasetError
 
@@ -327,3 +330,26 @@ def test_load_split_decodes_only_the_subset(bad_folder: Path, tmp_path: Path) ->
     fill = load_split(f"folder:{tmp_path}", "train", image_size=SIZE, subset=5)
     assert len(fill) == 5 and fill.skipped == 1  # the 6th file makes up for the bad one
     assert fill.names == (load_folder(tmp_path, "train", SIZE).names or [])[:5]
+
+
+def test_jpegs_the_device_refuses_are_decoded_on_the_cpu(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.decode=gpu leaves plain JPEGs to the device; one it refuses (an encoding nvJPEG
+    lacks) is decoded on the CPU with the same boxes: the views are the worker path's."""
+    index = index_of(folder)
+    sampler = StepSampler(len(index), global_batch=12, seed=3)
+    gpu = CropSettings(SIZE, 3, SCALE, RATIO, 3, True, "gpu")
+    batch = BatchDecoder(index.records, gpu, False)[request_for(sampler, 0)]
+    assert batch.views is not None and len(batch.pending) >= 3  # the folder's plain JPEGs
+
+    def refuse(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("nvJPEG: unsupported encoding")
+
+    monkeypatch.setattr(crops, "decode_jpeg", refuse)
+    failed = decode_pending(batch.views, batch.pending, SIZE, 3)
+    assert failed == batch.pending
+    fallback = BatchDecoder(index.records, gpu, False)
+    assert all(fallback.fill_on_cpu(batch, item) for item in failed)
+    assert torch.equal(batch.views, expected_views(index, batch.indices, 0, seed=3))
+    assert not batch.failures

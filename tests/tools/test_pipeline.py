@@ -116,6 +116,7 @@ def test_measure_input_fields_are_consistent(folder: Path) -> None:
         "input_images": IMAGES,
         "input_batch": 8,
         "input_workers": 1,
+        "input_channels": 3,
         "input_decode": "cpu",
         "input_images_per_second_per_worker": result["input_images_per_second_per_worker"],
         "input_images_per_second": result["input_images_per_second"],
@@ -140,3 +141,10 @@ def test_bound_names_the_slower_side() -> None:
     assert bound(300.0, 100.0)["bound"] == "step"
     assert bound(300.0, 100.0)["bound_ratio"] == 3.0
     assert bound(0.0, 10.0)["bound"] == "input"  # no division by zero
+
+
+def test_negative_input_workers_are_refused_by_the_parser(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--data", "folder:/nowhere", "--input-workers", "-1"])
+    assert exit_.value.code == 2
+    assert "negative" in capsys.readouterr().err

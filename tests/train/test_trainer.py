@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from mocov3.cli import main
+from mocov3.data.records import FolderRecords
 from mocov3.data.shards import write_shards
 from mocov3.runtime.checkpoint import load_checkpoint
 
@@ -188,15 +189,34 @@ def _train_record(out) -> tuple[list[float], dict[str, torch.Tensor]]:
     return losses, load_checkpoint(out)["model"]
 
 
-def test_a_streamed_folder_and_its_shards_train_identically(tmp_path, capsys):
+def _save_hf_dataset(folder: Path, out: Path) -> None:
+    """The folder's training images, in its order, as a Hugging Face dataset on disk."""
+    import datasets
+
+    records = FolderRecords(folder)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=records.classes)}
+    )
+    assert records.labels is not None
+    rows = {
+        "image": [str(records.path(i)) for i in range(len(records))],
+        "label": records.labels.tolist(),
+    }
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(out))
+
+
+def test_a_streamed_folder_its_shards_and_a_hf_dataset_train_identically(tmp_path, capsys):
     """data.loader=stream cuts each view from the full-resolution image in a DataLoader
-    worker. The shards `mocov3 shards` writes from a folder hold the same bytes in the same
-    order, so a run on them is the folder's run bit for bit: same losses, same weights."""
+    worker. The shards `mocov3 shards` writes from a folder, and a Hugging Face dataset of
+    its files, hold the same bytes in the same order, so a run on them is the folder's run
+    bit for bit: same losses, same weights."""
     _write_folder(tmp_path / "images", size=20)
     summary = write_shards(f"folder:{tmp_path / 'images'}", tmp_path / "shards", max_count=20)
+    _save_hf_dataset(tmp_path / "images", tmp_path / "hf")
     sources = {
         "folder": f"folder:{tmp_path / 'images'}",
         "shards": summary["splits"]["train"]["pattern"],
+        "hf": f"hf:{tmp_path / 'hf'}",
     }
     runs = {}
     for name, spec in sources.items():
@@ -215,10 +235,12 @@ def test_a_streamed_folder_and_its_shards_train_identically(tmp_path, capsys):
         assert main(args) == 0
         runs[name] = _train_record(out)
         assert json.loads((out / "summary.json").read_text())["steps"] == 6
-    (losses_folder, weights_folder), (losses_shards, weights_shards) = runs.values()
-    assert len(losses_folder) == 6 and losses_shards == losses_folder
-    for name, tensor in weights_folder.items():
-        assert torch.equal(weights_shards[name], tensor), name
+    losses_folder, weights_folder = runs.pop("folder")
+    assert len(losses_folder) == 6
+    for losses, weights in runs.values():
+        assert losses == losses_folder
+        for name, tensor in weights_folder.items():
+            assert torch.equal(weights[name], tensor), name
     summary = json.loads((tmp_path / "folder" / "summary.json").read_text())
     assert "knn_top1" in summary  # the streamed folder evaluates on in-memory subsets
 
