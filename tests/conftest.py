@@ -1,8 +1,10 @@
-"""Shared fixtures: one tiny pretrained run per test session, for the evaluation tests."""
+"""Shared fixtures: one tiny pretrained run per test session, for the evaluation tests, and
+the torch thread count restored after every test (train.threads changes it)."""
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from mocov3.config import load_config
 from mocov3.train.trainer import pretrain
@@ -15,3 +17,10 @@ def tiny_run(tmp_path_factory) -> Path:
     config = load_config("configs/tiny.yaml", ["eval.knn_init=false", "train.epochs=2"])
     pretrain(config, out)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -45,13 +45,6 @@ BENCH = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 smooth RGB JPEGs of sizes 40x30 .. 70x50 in classes a and b."""

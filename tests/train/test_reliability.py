@@ -51,13 +51,6 @@ BASE = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_config(*extra: str):
     return load_config(ROOT / "configs/tiny.yaml", [*BASE, *extra])
 

@@ -46,13 +46,6 @@ BASE = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_folder(root: Path) -> Path:
     """64 smooth RGB images of sizes 30x24 .. 60x50 in two classes, JPEG and PNG mixed, and
     one 1200x900 JPEG (over a megapixel: its views come from a DCT-reduced decode)."""
