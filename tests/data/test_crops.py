@@ -231,3 +231,30 @@ def test_a_header_that_misleads_gets_boxes_for_the_decoded_size() -> None:
     with pytest.raises(SizeMismatch) as mismatch:
         cut_views(data, wrong, boxes, 32, 3)
     assert (mismatch.value.header.height, mismatch.value.header.width) == (375, 500)
+
+
+def test_device_decoding_goes_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most DEVICE_DECODE_CHUNK JPEGs per decode call (a bound on device memory), and a
+    refused one only costs its own chunk a one-by-one retry."""
+    from mocov3.data import crops
+
+    calls: list[int] = []
+    real = crops.decode_jpeg
+
+    def counting(data: object, **kwargs: object) -> object:
+        calls.append(len(data) if isinstance(data, list) else 1)
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(crops, "decode_jpeg", counting)
+    monkeypatch.setattr(crops, "DEVICE_DECODE_CHUNK", 2)
+    datas = [photo(120, 90, q) for q in (80, 85, 90, 95, 97)]
+    keys = sample_keys(0, 0, torch.arange(5))
+    boxes = view_boxes(keys, torch.full((5,), 90.0), torch.full((5,), 120.0), SCALE, RATIO)
+    pending = [Pending(i, datas[i], boxes[i]) for i in range(5)]
+    pending[3] = Pending(3, datas[3][:100], boxes[3])  # cut short: refused
+    views = torch.zeros(5, 2, 3, 32, 32, dtype=torch.uint8)
+    assert decode_pending(views, pending, 32, 3) == [pending[3]]
+    assert calls == [2, 2, 1, 1, 1]  # chunks of 2, the second retried one by one
+    for i in (0, 1, 2, 4):
+        expected = cut_views(datas[i], read_header(datas[i]), boxes[i], 32, 3, reduce=False)
+        assert torch.equal(views[i], expected)
