@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import re
+import resource
 import tarfile
 import threading
 from collections import OrderedDict
@@ -208,15 +209,25 @@ def _read_label(path: str, f: BinaryIO, info: tarfile.TarInfo | None) -> int:
     return int(text)
 
 
+def open_file_budget() -> int:
+    """Shard files one thread may keep open: a sixteenth of this process's open-file limit
+    (``ulimit -n``: 64 at the common 1024, 4096 at 65536), at least 16. Random access
+    touches every shard, so the more stay open, the fewer reads pay an ``open``; a
+    sixteenth leaves room for the 8 threads of a reading pool and the process's other
+    files."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, soft // 16) if soft != resource.RLIM_INFINITY else 4096
+
+
 class OpenShards:
     """The shard files open in this thread, at most ``limit`` (least recently used closed
-    first): random access touches every shard, and 1024 shards per worker would exceed
-    ulimit -n. Per thread, because in-memory loading and the converter read from a thread
-    pool, where one thread could close a file another is reading; a thread's files close
-    when it ends, and a forked worker closes the ones it inherited and opens its own."""
+    first; None: :func:`open_file_budget`). Per thread, because in-memory loading and the
+    converter read from a thread pool, where one thread could close a file another is
+    reading; a thread's files close when it ends, and a forked worker closes the ones it
+    inherited and opens its own."""
 
-    def __init__(self, limit: int = 64) -> None:
-        self.limit = limit
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = open_file_budget() if limit is None else limit
         self._local = threading.local()
 
     def _files(self) -> OrderedDict[int, BinaryIO]:

@@ -307,3 +307,14 @@ def test_hf_dataset_without_an_image_column_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as e:
         open_records(f"hf:{tmp_path / 'missing'}")
     assert "save_to_disk" in one_line_error(e)
+
+
+def test_open_shard_budget_follows_the_open_file_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+
+    from mocov3.data import tar_index
+
+    for soft, budget in ((1024, 64), (65536, 4096), (100, 16)):
+        monkeypatch.setattr(resource, "getrlimit", lambda _, soft=soft: (soft, 1 << 20))
+        assert tar_index.open_file_budget() == budget
+        assert tar_index.OpenShards().limit == budget
