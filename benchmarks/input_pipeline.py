@@ -13,8 +13,8 @@ does per image: today's in-memory decode (resize the shorter side, centre crop),
 streamed path's two full-resolution crops with full-size decoding and with reduced-size
 decoding where the boxes allow. Rows run interleaved in rounds (A B C A B C ...) so that a
 shared machine's drift hits every row alike; each prints its median and min-max.
-``io`` lists and reads a folder and its shards (page cache warm: the numbers are the
-software's cost, not the disk's). ``memory`` runs ``mocov3 pretrain`` on a streamed folder
+``io`` lists and reads a folder and its shards (page cache warm: the software's cost; with
+``--cold``, as root, from the disk). ``memory`` runs ``mocov3 pretrain`` on a streamed folder
 at two sizes and prints each run's peak resident memory.
 """
 
@@ -147,18 +147,34 @@ def _open_shards(urls: list[str], hide_sidecars: bool) -> tuple[ShardRecords, fl
                 sidecar.with_suffix(".hidden").rename(sidecar)
 
 
+def _drop_page_cache() -> None:
+    """Empty the kernel's page cache (root only), so that reads come from the disk."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
 def cmd_io(args: argparse.Namespace) -> None:
     shutil.rmtree(args.cache, ignore_errors=True)  # the first open scans every shard
     os.environ["MOCOV3_CACHE"] = str(args.cache)
-    start = time.perf_counter()
-    folder = FolderRecords(args.folder)
-    rows = [("folder (listing)", folder, time.perf_counter() - start)]
     urls = expand_shards(str(args.shards / "train-*.tar"))
-    rows.append(("shards (sidecar index)", *_open_shards(urls, False)))
-    rows.append(("shards, no sidecar (scan)", *_open_shards(urls, True)))
-    rows.append(("shards, no sidecar (cached)", *_open_shards(urls, True)))
-    order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(0)).tolist()
-    for label, records, seconds in rows:
+    rows: list[tuple[str, Callable[[], FolderRecords | ShardRecords]]] = [
+        ("folder (listing)", lambda: FolderRecords(args.folder)),
+        ("shards (sidecar index)", lambda: _open_shards(urls, False)[0]),
+        ("shards, no sidecar (scan)", lambda: _open_shards(urls, True)[0]),
+        ("shards, no sidecar (cached)", lambda: _open_shards(urls, True)[0]),
+    ]
+    order: list[int] | None = None
+    for label, open_records in rows:
+        if args.cold:
+            _drop_page_cache()
+        start = time.perf_counter()
+        records = open_records()
+        seconds = time.perf_counter() - start
+        if order is None:
+            generator = torch.Generator().manual_seed(0)
+            order = torch.randperm(len(records), generator=generator).tolist()
+        if args.cold:
+            _drop_page_cache()
         per_second, megabytes = _read_all(records, order)
         print(
             f"{label:<28} {len(records)} images: listed/indexed in {seconds:.2f} s, random "
@@ -218,6 +234,9 @@ def main() -> None:
     io.add_argument("--folder", type=Path, required=True)
     io.add_argument("--shards", type=Path, required=True)
     io.add_argument("--cache", type=Path, default=Path("/tmp/mocov3-bench-cache"))
+    io.add_argument(
+        "--cold", action="store_true", help="empty the page cache before each step (root)"
+    )
     io.set_defaults(handler=cmd_io)
     memory = commands.add_parser("memory", help="peak resident memory of streamed runs")
     memory.add_argument("--folder", type=Path, required=True)
