@@ -134,6 +134,35 @@ class SizeMismatch(ValueError):
         self.header = Header(height, width, False)
 
 
+def sample_boxes(
+    key: torch.Tensor, header: Header, scale: Sequence[float], ratio: Sequence[float]
+) -> torch.Tensor:
+    """Both views' boxes ``[2, 4]`` of one sample (``key``: its int64 [1] key) in an image
+    of the header's size: :func:`view_boxes` for a batch of one."""
+    heights, widths = torch.tensor([header.height]), torch.tensor([header.width])
+    return view_boxes(key, heights, widths, scale, ratio)[0]
+
+
+def cut_sample(
+    data: bytes,
+    header: Header,
+    key: torch.Tensor,
+    boxes: torch.Tensor,
+    size: int,
+    channels: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    reduce: bool = True,
+) -> torch.Tensor:
+    """:func:`cut_views` of one sample's ``boxes``, drawn again from ``key`` for the decoded
+    size when the header misled. Raises when the image cannot be decoded."""
+    try:
+        return cut_views(data, header, boxes, size, channels, reduce)
+    except SizeMismatch as mismatch:
+        boxes = sample_boxes(key, mismatch.header, scale, ratio)
+        return cut_views(data, mismatch.header, boxes, size, channels, reduce)
+
+
 def decode_views(
     data: bytes,
     key: torch.Tensor,
@@ -146,14 +175,8 @@ def decode_views(
     """Both views of one encoded image (``key``: its int64 [1] augmentation key), uint8
     ``[2, C, size, size]``; what the streaming workers compute for each sample of a batch."""
     header = read_header(data)
-    for _ in range(2):
-        heights, widths = torch.tensor([header.height]), torch.tensor([header.width])
-        boxes = view_boxes(key, heights, widths, scale, ratio)[0]
-        try:
-            return cut_views(data, header, boxes, size, channels, reduce)
-        except SizeMismatch as mismatch:
-            header = mismatch.header
-    raise AssertionError("unreachable: the second try uses the decoded size")
+    boxes = sample_boxes(key, header, scale, ratio)
+    return cut_sample(data, header, key, boxes, size, channels, scale, ratio, reduce)
 
 
 # --------------------------------------------------------------------------- on the device

@@ -233,14 +233,13 @@ def load_records(
     if image_size < 1:
         raise DatasetError(f"image_size must be >= 1, got {image_size}")
     labels = records.labels.tolist() if records.labels is not None else [-1] * len(records)
-    items = list(enumerate(labels))
+    pairs = [(label, i) for i, label in enumerate(labels)]
 
     def decode(indices: list[int]) -> list[torch.Tensor | str]:
         return _decode_all(
             [lambda i=i: try_decode_record(records, i, image_size, channels) for i in indices]
         )
 
-    pairs = [(label, i) for i, label in items]
     good, bad, tried = _decode_first(pairs, limit or len(pairs), decode)
     named_bad = [(records.name(i), reason) for i, reason in bad]
     _check_bad(named_bad, tried, records.source, strict)

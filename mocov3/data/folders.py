@@ -10,13 +10,12 @@ index names the same file in both.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from mocov3.errors import DatasetError, one_line
+from mocov3.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -82,21 +81,10 @@ def _split_folder(root: Path, split: str) -> Path:
     return evals[0]
 
 
-def has_test_split(spec: str) -> bool:
-    """Whether ``spec`` has an evaluation split: a folder needs val/ or test/, a Hugging Face
-    dataset a validation or test split; a shard pattern is one split."""
-    kind = spec.strip().lower()
-    if kind.startswith("wds:"):
-        return False
-    if kind.startswith("hf:"):
-        splits = Path(spec.strip()[3:]).expanduser() / "dataset_dict.json"
-        try:
-            names = json.loads(splits.read_text()).get("splits", []) if splits.is_file() else []
-        except (OSError, ValueError, AttributeError) as e:
-            raise DatasetError(
-                f"cannot read {splits} ({one_line(e)}): save the dataset again"
-            ) from e
-        return bool({"validation", "test"} & set(names))
+def folder_has_test_split(spec: str) -> bool:
+    """Whether ``spec`` has a labelled evaluation split (a folder needs val/ or test/;
+    Fashion-MNIST and synthetic data always have one). Shards and Hugging Face datasets:
+    :func:`mocov3.data.records.has_test_split`."""
     root = folder_root(spec)
     if root is None:
         return True

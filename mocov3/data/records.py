@@ -17,6 +17,7 @@ hence this reader.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,12 @@ import numpy as np
 import torch
 
 from mocov3.data.decode import try_decode, unreadable_reason
-from mocov3.data.folders import check_split, folder_root, list_folder_split
+from mocov3.data.folders import (
+    check_split,
+    folder_has_test_split,
+    folder_root,
+    list_folder_split,
+)
 from mocov3.data.tar_index import IMAGE_EXTENSIONS, OpenShards, decode_name, index_shard
 from mocov3.errors import DatasetError, one_line
 
@@ -71,6 +77,22 @@ def record_spec(spec: str) -> tuple[str, str] | None:
     (fashion-mnist, synthetic), which live in memory."""
     kind, sep, rest = spec.strip().partition(":")
     return (kind.lower(), rest.strip()) if sep and kind.lower() in _KINDS else None
+
+
+def has_test_split(spec: str) -> bool:
+    """Whether ``spec`` has an evaluation split: a folder needs val/ or test/, a Hugging Face
+    dataset a validation or test split; a shard pattern is one split."""
+    parsed = record_spec(spec)
+    if parsed is None or parsed[0] == "folder":
+        return folder_has_test_split(spec)
+    if parsed[0] == "wds":
+        return False
+    splits = Path(parsed[1]).expanduser() / "dataset_dict.json"
+    try:
+        names = json.loads(splits.read_text()).get("splits", []) if splits.is_file() else []
+    except (OSError, ValueError, AttributeError) as e:
+        raise DatasetError(f"cannot read {splits} ({one_line(e)}): save the dataset again") from e
+    return any(name in names for name in _EVAL_SPLITS)
 
 
 def open_records(spec: str, split: str = "train", subset: int | None = None) -> ImageRecords:
@@ -407,7 +429,7 @@ class HFRecords:
         return f"{where} ({stored})" if isinstance(stored, str) and stored else where
 
 
-_EVAL_SPLITS = ("validation", "test")  # as folders.has_test_split
+_EVAL_SPLITS = ("validation", "test")  # a Hugging Face dataset's evaluation split names
 _PATH_OR_BYTES = ("string", "large_string", "binary", "large_binary")
 
 

@@ -30,9 +30,8 @@ import numpy as np
 import torch
 
 from mocov3.data.datasets import load_split
-from mocov3.data.folders import has_test_split
 from mocov3.data.images import ImageDataset
-from mocov3.data.records import CLASS_NAMES_FILE, ImageRecords, open_records
+from mocov3.data.records import CLASS_NAMES_FILE, ImageRecords, has_test_split, open_records
 from mocov3.data.tar_index import IMAGE_EXTENSIONS, write_sidecar
 from mocov3.errors import DatasetError, one_line
 

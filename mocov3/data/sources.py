@@ -19,9 +19,8 @@ import torch
 
 from mocov3.config import Config, apply_overrides, config_from_dict
 from mocov3.data.datasets import load_split
-from mocov3.data.folders import has_test_split
 from mocov3.data.images import ImageDataset
-from mocov3.data.records import record_spec
+from mocov3.data.records import has_test_split, record_spec
 from mocov3.data.sampling import StepSampler
 from mocov3.data.stream import StreamIndex, StreamingBatches, crop_settings
 from mocov3.errors import ConfigError

@@ -33,7 +33,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from mocov3.config import Config
 from mocov3.data.counters import sample_keys
-from mocov3.data.crops import VIEWS, Pending, SizeMismatch, cut_views, decode_pending, view_boxes
+from mocov3.data.crops import (
+    VIEWS,
+    Pending,
+    cut_sample,
+    decode_pending,
+    sample_boxes,
+    view_boxes,
+)
 from mocov3.data.decode import (
     Header,
     one_thread,
@@ -322,8 +329,7 @@ class BatchDecoder(Dataset[_Batch]):
         return False
 
     def _boxes(self, key: torch.Tensor, header: Header) -> torch.Tensor:
-        heights, widths = torch.tensor([header.height]), torch.tensor([header.width])
-        return view_boxes(key, heights, widths, self.settings.scale, self.settings.ratio)[0]
+        return sample_boxes(key, header, self.settings.scale, self.settings.ratio)
 
     def _cut(
         self, readable: _Readable, key: torch.Tensor, boxes: torch.Tensor
@@ -331,15 +337,10 @@ class BatchDecoder(Dataset[_Batch]):
         """Both views of a read image, or why it cannot be decoded (remembered)."""
         s = self.settings
         try:
-            try:
-                return cut_views(
-                    readable.data, readable.header, boxes, s.size, s.channels, s.reduce
-                )
-            except SizeMismatch as mismatch:  # the header misled: draw for the decoded size
-                boxes = self._boxes(key, mismatch.header)
-                return cut_views(
-                    readable.data, mismatch.header, boxes, s.size, s.channels, s.reduce
-                )
+            return cut_sample(
+                readable.data, readable.header, key, boxes, s.size, s.channels, s.scale,
+                s.ratio, s.reduce,
+            )  # fmt: skip
         except Exception as error:  # noqa: BLE001  decoders raise many types
             self._unreadable[readable.index] = unreadable_reason(error)
             return self._unreadable[readable.index]

@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from mocov3.data.folders import has_test_split  # noqa: E402
+from mocov3.data.records import has_test_split  # noqa: E402
 from mocov3.data.sources import load_data  # noqa: E402
 from mocov3.errors import CheckpointError, ConfigError, DatasetError  # noqa: E402
 from mocov3.eval.knn import extract_features, knn_predict  # noqa: E402

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mocov3.data.folders import check_split, folder_root, has_test_split, walk_images
+from mocov3.data.folders import check_split, folder_root, walk_images
+from mocov3.data.records import has_test_split
 from mocov3.errors import DatasetError
 
 
