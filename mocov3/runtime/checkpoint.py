@@ -215,3 +215,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if cuda and torch.cuda.is_available():
         for device in range(min(len(cuda), torch.cuda.device_count())):
             torch.cuda.set_rng_state(cuda[device], device)
+
+
+def resume_file(resume: str | Path | None, default: Path) -> Path | None:
+    """The checkpoint a ``--resume`` value names: None for no resume, ``auto`` for
+    ``default`` when it exists (else None: start afresh), a directory for ``default``'s
+    name in it, or a file; CheckpointError in one line when a named one is missing."""
+    if resume is None:
+        return None
+    if str(resume) == "auto":
+        return default if default.is_file() else None
+    path = Path(resume).expanduser()
+    path = path / default.name if path.is_dir() else path
+    if not path.is_file():
+        raise CheckpointError(f"--resume {resume}: no checkpoint at {path} (or use --resume auto)")
+    return path

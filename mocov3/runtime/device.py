@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +12,13 @@ import torch
 
 from mocov3.config import TrainConfig
 from mocov3.errors import TrainingError
-from mocov3.runtime.distributed import ProcessInfo, cpu_threads_per_process, device_for
+from mocov3.runtime.distributed import (
+    ProcessInfo,
+    cpu_threads_per_process,
+    device_for,
+    launched_info,
+    process_group,
+)
 from mocov3.runtime.performance import set_tf32
 from mocov3.runtime.precision import check_precision, resolve_precision
 
@@ -65,3 +73,17 @@ def start_runtime(train: TrainConfig, process: ProcessInfo) -> Runtime:
     tf32 = set_tf32(train.tf32, device)
     seed_everything(train.seed)
     return Runtime(device, precision, tf32)
+
+
+@contextlib.contextmanager
+def launched_processes(
+    device_name: str, threads: int | None = None, timeout_minutes: float = 30.0
+) -> Iterator[tuple[torch.device, ProcessInfo]]:
+    """This process's device and place for a command that runs alone or under torchrun
+    (the process group started, and destroyed on every way out), its CPU threads set as
+    :func:`set_threads` says."""
+    launched = launched_info()
+    device = resolve_device(device_name, launched)
+    with process_group(device, timeout_minutes) as process:
+        set_threads(threads, device, process)
+        yield device, process

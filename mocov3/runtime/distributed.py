@@ -81,10 +81,17 @@ def cpu_threads_per_process(info: ProcessInfo) -> int:
     return max(1, cores // max(info.local_world_size, 1))
 
 
+def backend_for(device: torch.device) -> str:
+    """gloo on CPU; on CUDA, NCCL for CUDA tensors and gloo beside it for CPU ones: the
+    evaluations gather features, indices and counts that live on the CPU, which an NCCL-only
+    group refuses."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 @contextlib.contextmanager
 def process_group(device: torch.device, timeout_minutes: float = 30.0) -> Iterator[ProcessInfo]:
     """Start the process group when launched with more than one process and destroy it on
-    every way out (normal end, error, signal). gloo on CPU, NCCL on CUDA."""
+    every way out (normal end, error, signal), with :func:`backend_for` the device."""
     info = launched_info()
     if is_distributed():  # started by the caller (e.g. a test); the caller destroys it
         rank, world = rank_and_world()
@@ -93,7 +100,7 @@ def process_group(device: torch.device, timeout_minutes: float = 30.0) -> Iterat
     if info.world_size <= 1:
         yield info
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = backend_for(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(
@@ -207,3 +214,30 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     else:
         options["broadcast_buffers"] = False
     return ddp(model, **options)
+
+
+def shard_range(count: int, rank: int, world: int) -> range:
+    """Process ``rank``'s contiguous block of ``count`` items split over ``world`` processes:
+    blocks of ``ceil(count / world)`` in rank order (the last ones shorter, maybe empty), so
+    the blocks gathered in rank order are the items in their own order."""
+    per = -(-count // max(world, 1))
+    return range(min(count, rank * per), min(count, (rank + 1) * per))
+
+
+@torch.no_grad()
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every process's ``tensor`` along dim 0 in rank order, the row counts
+    free to differ (padded to the largest for the collective, then trimmed); itself when
+    alone. The other dimensions and the dtype must agree."""
+    if not is_distributed():
+        return tensor
+    world = dist.get_world_size()
+    rows = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.zeros_like(rows) for _ in range(world)]
+    dist.all_gather(counts, rows)
+    sizes = [int(c) for c in counts]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])

@@ -6,7 +6,7 @@ kNN before, during and after training, ``metrics.jsonl`` and TensorBoard, checkp
 resume bit for bit, and SIGTERM handling. Each job has its own module; this one wires them
 together: :mod:`~mocov3.train.run_dir` (files), :mod:`~mocov3.train.step` (one step),
 :mod:`~mocov3.train.budget` (length and schedules), :mod:`~mocov3.train.monitor` (kNN and
-instability), :mod:`~mocov3.train.signals` (preemption).
+instability), :mod:`~mocov3.runtime.signals` (preemption).
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ from mocov3.runtime.distributed import (
 )
 from mocov3.runtime.logging import MetricsLog, NullLog, Progress
 from mocov3.runtime.performance import apply_memory_format, compile_backbones, to_memory_format
+from mocov3.runtime.signals import StopSignals
 from mocov3.train.budget import BudgetPlanner, build_schedules, saved_plan
 from mocov3.train.monitor import KnnMonitor, Log, StabilityWatch
 from mocov3.train.run_dir import RunDirectory, check_restorable
-from mocov3.train.signals import StopSignals
 from mocov3.train.stability import InstabilityDetector
 from mocov3.train.state import RunStats, training_state
 from mocov3.train.step import StepResult, build_train_step

@@ -14,6 +14,7 @@ from mocov3.runtime.device import resolve_device, start_runtime
 from mocov3.runtime.distributed import (
     ProcessInfo,
     any_process,
+    backend_for,
     main_process_value,
     mean_count,
     mean_over_processes,
@@ -61,3 +62,10 @@ def test_one_process_agrees_with_itself():
     assert mean_over_processes(torch.tensor(2.5)).item() == 2.5
     assert mean_count(7, CPU) == 7 and main_process_value(3.0, CPU) == 3.0
     assert any_process(True, CPU) and not any_process(False, CPU)
+
+
+def test_a_gpu_process_group_carries_cpu_tensors_too():
+    """The evaluations gather CPU features and counts: NCCL alone refuses CPU tensors, so a
+    CUDA run's group adds gloo for them (torch's per-device backend string)."""
+    assert backend_for(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
+    assert backend_for(torch.device("cpu")) == "gloo"

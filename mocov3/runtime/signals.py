@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from types import FrameType, TracebackType
+from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -50,3 +52,18 @@ class StopSignals:
         for sig, old in self._previous.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)  # type: ignore[arg-type]
         self._previous = {}
+
+
+def preempted_summary(
+    stop: StopSignals, step: int, total_steps: int, checkpoint: str | Path, processes: int
+) -> dict[str, Any]:
+    """What a long command that stopped on a signal reports (the same keys for every one):
+    the signal, the steps done of the total, the checkpoint that continues it."""
+    return {
+        "preempted": True,
+        "signal": stop.name if stop.received else None,
+        "step": step,
+        "total_steps": total_steps,
+        "checkpoint": str(checkpoint),
+        "processes": processes,
+    }

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from mocov3.train.signals import StopSignals
+from mocov3.runtime.signals import StopSignals
 
 
 def test_the_first_signal_is_recorded_the_second_interrupts_and_handlers_return():
