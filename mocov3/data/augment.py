@@ -88,6 +88,11 @@ def crop_stream(view: int) -> int:
     return view * STREAMS_PER_VIEW + _STREAM_CROP
 
 
+def flip_stream(view: int) -> int:
+    """The flip stream of view ``view``: a view cut elsewhere is flipped from it."""
+    return view * STREAMS_PER_VIEW + _STREAM_FLIP
+
+
 # ----------------------------------------------------------------------------- crop + flip
 
 

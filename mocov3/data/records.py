@@ -33,6 +33,7 @@ from mocov3.data.folders import (
     folder_has_test_split,
     folder_root,
     list_folder_split,
+    walk_images,
 )
 from mocov3.data.tar_index import IMAGE_EXTENSIONS, OpenShards, decode_name, index_shard
 from mocov3.errors import DatasetError, one_line
@@ -168,6 +169,34 @@ class FolderRecords:
 
     def name(self, i: int) -> str:
         return str(self.path(i))
+
+
+class FileRecords:
+    """Every image file under a folder (recursively, sorted, hidden entries skipped),
+    unlabelled; named by their paths relative to it (``mocov3 embed --images``)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise DatasetError(f"image folder {self.root} does not exist: pass --images FOLDER")
+        self.source = f"images:{self.root}"
+        self.paths = np.array([os.fsencode(p) for p in walk_images(self.root)])
+        if not len(self.paths):
+            raise DatasetError(
+                f"{self.root} holds no images ({' '.join(sorted(IMAGE_EXTENSIONS))}): "
+                "check --images"
+            )
+        self.labels: torch.Tensor | None = None
+        self.classes: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, i: int) -> bytes:
+        return Path(os.fsdecode(self.paths[i])).read_bytes()
+
+    def name(self, i: int) -> str:
+        return Path(os.fsdecode(self.paths[i])).relative_to(self.root).as_posix()
 
 
 # --------------------------------------------------------------------------- shard patterns

@@ -118,10 +118,10 @@ def resolve_loader(
     config: Config, num_images: int | None = None, channels: int | None = None
 ) -> LoaderKind:
     """``data.loader`` resolved: auto -> memory for Fashion-MNIST and synthetic data, and for
-    folders, shards and Hugging Face datasets whose decoded uint8 images (N * C * S * S bytes,
-    ``data.subset`` applied; C is ``channels``, else ``data.channels``, else 3) fit in
-    ``data.memory_limit_gb`` (10^9 bytes); stream otherwise. ``num_images``: the dataset's
-    image count (a StreamIndex's len).
+    folders, shards and Hugging Face datasets whose decoded uint8 images (N * C * S * S bytes;
+    C is ``channels``, else ``data.channels``, else 3) fit in ``data.memory_limit_gb`` (10^9
+    bytes); stream otherwise. ``num_images``: the split's image count, any subset applied
+    (a StreamIndex's len).
     """
     d = config.data
     streamable = record_spec(d.name) is not None
@@ -136,9 +136,8 @@ def resolve_loader(
         return "memory"
     if num_images is None:
         raise ValueError("resolve_loader needs num_images for a streamable dataset")
-    n = min(num_images, d.subset or num_images)
     c = channels or d.channels or 3
-    decoded = n * c * d.image_size * d.image_size
+    decoded = num_images * c * d.image_size * d.image_size
     return "memory" if decoded <= d.memory_limit_gb * 1e9 else "stream"
 
 

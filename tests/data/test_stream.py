@@ -314,8 +314,11 @@ def test_resolve_loader() -> None:
     assert resolve_loader(config, 33_333) == "memory"  # 33_333 * 3 * 100 * 100 < 1e9 bytes
     assert resolve_loader(config, 33_334) == "stream"
     assert resolve_loader(config, 99_999, channels=1) == "memory"
+    # the count is the split's as read, any subset applied: data.subset is not taken again
+    # (it names the train split's size; a test split of 10**7 is 10**7)
     config.data.subset = 1000
-    assert resolve_loader(config, 10**7) == "memory"
+    assert resolve_loader(config, 10**7) == "stream"
+    assert resolve_loader(config, 1000) == "memory"
 
 
 def test_load_split_decodes_only_the_subset(bad_folder: Path, tmp_path: Path) -> None:
