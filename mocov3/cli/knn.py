@@ -1,4 +1,5 @@
-"""``mocov3 knn``: weighted kNN top-1 of a checkpoint's backbone, or of raw pixels."""
+"""``mocov3 knn``: weighted kNN top-1 of a checkpoint's backbone, or of raw pixels; alone
+or under torchrun (each process extracts its share; one JSON line from the first)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from torch import nn
 
 from mocov3.cli.common import add_data_args, add_set_arg, data_overrides
 from mocov3.config import load_config
-from mocov3.data.sources import load_data
-from mocov3.errors import DatasetError
 from mocov3.eval.knn import evaluate_knn
+from mocov3.eval.splits import labelled_splits
 from mocov3.models.checkpoint import open_checkpoint
 from mocov3.models.moco import ENCODERS
-from mocov3.runtime.device import resolve_device
+from mocov3.runtime.device import launched_processes
+from mocov3.runtime.precision import eval_precision
 
 
 def cmd_knn(args: argparse.Namespace) -> int:
@@ -26,21 +27,34 @@ def cmd_knn(args: argparse.Namespace) -> int:
     if args.raw_pixels:
         config = load_config(args.config, overrides)
         backbone: nn.Module = nn.Flatten()
+        normalisation, channels = None, config.data.channels
     else:
         run = open_checkpoint(args.checkpoint, overrides)
         config, backbone = run.config, run.backbone(args.encoder)
-    device = resolve_device(args.device or config.train.device)
-    train_set, test_set = load_data(config)
-    if test_set is None:
-        raise DatasetError(f"data '{config.data.name}' has no labelled test split for kNN")
-    result = evaluate_knn(
-        backbone.to(device), train_set, test_set, config, device, raw_pixels=args.raw_pixels
-    )
-    result.update(
-        temperature=config.eval.knn_temperature,
-        features="raw-pixels" if args.raw_pixels else args.encoder,
-    )
-    print(json.dumps(result))
+        normalisation, channels = (run.state["mean"], run.state["std"]), run.in_chans
+    with launched_processes(args.device or config.train.device, config.train.threads) as (
+        device,
+        process,
+    ):
+        memory, queries = labelled_splits(config, "kNN", channels, normalisation)
+        result = evaluate_knn(
+            backbone.to(device),
+            memory,
+            queries,
+            config,
+            device,
+            raw_pixels=args.raw_pixels,
+            precision=eval_precision(config.train.precision, device),
+        )
+        result.update(
+            temperature=config.eval.knn_temperature,
+            features="raw-pixels" if args.raw_pixels else args.encoder,
+            streamed=memory.streamed,
+            unreadable_images=len(memory.unreadable) + len(queries.unreadable),
+            processes=process.world_size,
+        )
+        if process.is_main:
+            print(json.dumps(result))
     return 0
 
 

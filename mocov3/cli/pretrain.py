@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
-from mocov3.cli.common import add_data_args, add_set_arg, data_overrides
+from mocov3.cli.common import add_data_args, add_set_arg, data_overrides, resume_command
 from mocov3.config import load_config
 from mocov3.runtime.distributed import launched_info
 from mocov3.tools.plots import plot_run
@@ -47,29 +45,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         )
     print(json.dumps({k: v for k, v in summary.items() if k != "plots"}))
     return 0
-
-
-def resume_command(argv: Sequence[str]) -> str:
-    """The command line that continues this run: the same arguments with ``--resume auto``."""
-    kept, skip = [], False
-    for token in argv:
-        if skip:
-            skip = False
-        elif token == "--resume":
-            skip = True
-        elif not token.startswith("--resume="):
-            kept.append(token)
-    program = (
-        f"{shlex.quote(sys.executable)} -m mocov3"
-        if Path(sys.argv[0]).name == "__main__.py"
-        else "mocov3"
-    )
-    process = launched_info()
-    if process.world_size > 1:  # relaunch the same way, on the same number of processes
-        nodes = process.world_size // max(process.local_world_size, 1)
-        where = f"--nnodes {nodes} <the same rendezvous flags> " if nodes > 1 else ""
-        program = f"torchrun {where}--nproc-per-node {process.local_world_size} -m mocov3"
-    return f"{program} {shlex.join([*kept, '--resume', 'auto'])}"
 
 
 def register(commands: argparse._SubParsersAction) -> None:

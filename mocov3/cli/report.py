@@ -1,17 +1,21 @@
 """``mocov3 report RUN_DIR``: one self-contained HTML page about a run
-(:mod:`mocov3.tools.report`)."""
+(:mod:`mocov3.tools.report`); under torchrun the processes share the kNN's features and
+the first writes the page."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from mocov3.runtime.device import launched_processes
 from mocov3.tools.report import write_report
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    path = write_report(args.run_dir, args.out, args.device)
-    print(json.dumps({"report": str(path)}))
+    with launched_processes(args.device or "auto") as (_, process):
+        path = write_report(args.run_dir, args.out, args.device)
+    if process.is_main:  # under torchrun the others shared the kNN's feature extraction
+        print(json.dumps({"report": str(path)}))
     return 0
 
 

@@ -49,16 +49,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mocov3.data.augment import crop_flip_views
-from mocov3.data.counters import sample_keys
-from mocov3.data.images import ImageDataset
-from mocov3.data.sources import load_data
+from mocov3.data.labelled import WHOLE, EvalSplit, Views
 from mocov3.errors import ConfigError, DatasetError
 from mocov3.eval.features import ProbeFeatures, snapshot, unchanged
-from mocov3.eval.knn import extract_features
+from mocov3.eval.knn import feature_batches
+from mocov3.eval.splits import labelled_splits
 from mocov3.models.checkpoint import LoadedRun
 from mocov3.runtime.device import resolve_device
-from mocov3.runtime.precision import autocast_context, eval_precision
+from mocov3.runtime.distributed import gather_rows, launched_info, rank_and_world, shard_range
+from mocov3.runtime.precision import eval_precision
+from mocov3.runtime.progress import Progress
 
 MOMENTUM = 0.9
 INIT_STD = 0.01  # the reference initialises the classifier weight with N(0, 0.01), bias 0
@@ -165,6 +165,7 @@ def train_linear_probes(
     steps_per_epoch = len(_batches(torch.arange(n), batch_size))
     total = epochs * steps_per_epoch
     step = 0
+    progress = Progress(f"linear probes ({count} lrs)", epochs, unit="epochs")
     for epoch in range(epochs):
         if epoch > 0:
             features = features_of(epoch)
@@ -190,7 +191,8 @@ def train_linear_probes(
                     buf.mul_(MOMENTUM).add_(grad)
                     param.sub_(lr.view(shape) * buf)
             step += 1
-
+        progress.update(1)
+    progress.close()
     probes = LinearProbes(weight.detach(), bias.detach(), lrs, bn)
     diverged = [
         not (bool(torch.isfinite(weight[i]).all()) and bool(torch.isfinite(bias[i]).all()))
@@ -287,45 +289,79 @@ def linear_probe(
 # ----------------------------------------------------------------------------- features
 
 
-@torch.no_grad()
+def split_features(
+    backbone: nn.Module,
+    split: EvalSplit,
+    device: torch.device,
+    batch_size: int,
+    precision: str,
+    label: str,
+    indices: torch.Tensor | None = None,
+    views: Views = WHOLE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (float32: 2 GB for ImageNet's 1.28M x 384) of ``split``'s images
+    ``indices`` (all by default), each process extracting its share, then shared by all:
+    ``(features [n, D], indices [n])``, a streamed split's unreadable images left out."""
+    rank, world = rank_and_world()
+    indices = torch.arange(len(split)) if indices is None else indices
+    span = shard_range(len(indices), rank, world)
+    mine = indices[span.start : span.stop]
+    parts, kept = [], []
+    with Progress(label, len(indices), processes=world) as progress:
+        for features, chunk in feature_batches(
+            backbone, split, mine, device, batch_size, precision, views, progress=progress
+        ):
+            parts.append(features)
+            kept.append(chunk)
+    dim = feature_dim_of(backbone, split, device, precision) if not parts else parts[0].shape[1]
+    features = torch.cat(parts) if parts else torch.empty(0, dim)
+    kept_all = torch.cat(kept) if kept else torch.empty(0, dtype=torch.int64)
+    return gather_rows(features), gather_rows(kept_all)
+
+
+def feature_dim_of(
+    backbone: nn.Module, split: EvalSplit, device: torch.device, precision: str
+) -> int:
+    """The probe's feature width, from one image (a process with no share still needs it)."""
+    features, _ = next(feature_batches(backbone, split, torch.tensor([0]), device, 1, precision))
+    return int(features.shape[1])
+
+
 def augmented_features(
     backbone: nn.Module,
-    images: torch.Tensor,
+    split: EvalSplit,
     indices: torch.Tensor,
     epoch: int,
     seed: int,
-    mean: Sequence[float],
-    std: Sequence[float],
     device: torch.device,
     batch_size: int = 512,
     precision: str = "fp32",
     crop_scale: Sequence[float] = AUG_SCALE,
 ) -> torch.Tensor:
-    """Features of ``images[indices]`` after RandomResizedCrop (area ``crop_scale``, the
-    reference's 0.08-1 by default) + flip (p 0.5).
+    """Features of ``split``'s images ``indices`` after RandomResizedCrop (area
+    ``crop_scale``, the reference's 0.08-1 by default) + flip (p 0.5), shared by every
+    process: ``[len(indices), D]`` float32 on the CPU.
 
     The views depend only on (seed, epoch, index) (counter-based, as pretraining's); the
-    backbone is put in eval mode and run under ``no_grad``. float32 ``[len(indices), D]``
-    on the CPU.
+    backbone is put in eval mode and run under ``no_grad``.
     """
-    was_training = backbone.training
-    backbone.eval()
-    chunks = []
-    try:
-        for chunk in indices.split(batch_size):
-            keys = sample_keys(seed, epoch, chunk)
-            x = crop_flip_views(images[chunk].to(device), keys, crop_scale, mean, std)
-            with autocast_context(device, precision):
-                chunks.append(backbone(x).float().cpu())
-    finally:
-        backbone.train(was_training)
-    return torch.cat(chunks)
+    views = Views("crop", (float(crop_scale[0]), float(crop_scale[1])), seed, epoch)
+    features, kept = split_features(
+        backbone, split, device, batch_size, precision, f"augmented views, epoch {epoch}",
+        indices, views,
+    )  # fmt: skip
+    if not torch.equal(kept, indices):
+        raise DatasetError(
+            f"{len(indices) - len(kept)} training images could not be read again for the "
+            "augmented probe: check the files (or drop --augmented)"
+        )
+    return features
 
 
 def probe_backbone(
     backbone: nn.Module,
-    train_set: ImageDataset,
-    test_set: ImageDataset,
+    train_set: EvalSplit,
+    test_set: EvalSplit,
     lrs: Sequence[float],
     device: torch.device,
     precision: str = "fp32",
@@ -334,33 +370,35 @@ def probe_backbone(
     crop_scale: Sequence[float] = AUG_SCALE,
     **probe_kwargs: Any,
 ) -> dict[str, Any]:
-    """Snapshot the backbone, extract features (eval mode), :func:`linear_probe`, then check
-    that no backbone tensor changed (``backbone_unchanged``). ``lrs`` are actual lrs;
-    ``crop_scale`` is the augmented probe's crop area range."""
+    """Snapshot the backbone, extract features (eval mode, each process its share),
+    :func:`linear_probe` (the same on every process), then check that no backbone tensor
+    changed (``backbone_unchanged``). ``lrs`` are actual lrs; ``crop_scale`` is the
+    augmented probe's crop area range."""
     before = snapshot(backbone)
-    mean, std = train_set.mean, train_set.std
-    args = (mean, std, device, feature_batch_size, precision)
-    train_feats = extract_features(backbone, train_set.images, *args)
-    test_feats = extract_features(backbone, test_set.images, *args)
+    args = (device, feature_batch_size, precision)
+    train_feats, train_kept = split_features(backbone, train_set, *args, "probe features, train")
+    test_feats, test_kept = split_features(backbone, test_set, *args, "probe features, test")
+    assert train_set.labels is not None and test_set.labels is not None
     aug = None
     if augmented:
         seed = int(probe_kwargs.get("seed", 0))
 
-        def aug(epoch: int, indices: torch.Tensor) -> torch.Tensor:
+        def aug(epoch: int, rows: torch.Tensor) -> torch.Tensor:
             return augmented_features(
-                backbone, train_set.images, indices, epoch, seed, *args, crop_scale=crop_scale
+                backbone, train_set, train_kept[rows], epoch, seed, *args, crop_scale=crop_scale
             )
 
     result = linear_probe(
         train_feats,
-        train_set.labels,
+        train_set.labels[train_kept],
         test_feats,
-        test_set.labels,
+        test_set.labels[test_kept],
         lrs,
         augmented_features=aug,
         **probe_kwargs,
     )
     result["backbone_unchanged"] = unchanged(backbone, before)
+    result["test_samples"] = len(test_kept)
     return result
 
 
@@ -444,16 +482,13 @@ def probe_run(run: LoadedRun, settings: ProbeSettings) -> dict[str, Any]:
         features = ProbeFeatures(run.backbone(settings.encoder), settings.features)
     except ValueError as error:  # e.g. token features asked of a ResNet
         raise ConfigError(str(error)) from error
-    device = resolve_device(settings.device or config.train.device)
+    device = resolve_device(settings.device or config.train.device, launched_info())
     features = features.to(device)
     precision = eval_precision(config.train.precision, device)
-    train_set, test_set = load_data(config)
-    if train_set.labels is None or test_set is None:
-        raise DatasetError(
-            f"data '{config.data.name}' needs labelled train and test splits for linear probing"
-        )
-    if config.eval.test_subset:
-        test_set = test_set.subset(config.eval.test_subset)
+    normalisation = (run.state["mean"], run.state["std"])
+    train_set, test_set = labelled_splits(
+        config, "linear probing", run.in_chans, normalisation, config.eval.test_subset
+    )
 
     scale = settings.batch_size / 256.0  # the linear scaling rule: lr = base lr * batch / 256
     crop_scale = settings.crop_scale or AUG_SCALE  # what the augmented probe crops
@@ -475,7 +510,7 @@ def probe_run(run: LoadedRun, settings: ProbeSettings) -> dict[str, Any]:
             weight_decay=settings.weight_decay,
             batchnorm=settings.batchnorm,
             seed=config.train.seed,
-            num_classes=max(len(train_set.classes), int(train_set.labels.max()) + 1),
+            num_classes=train_set.num_classes,
         )
     except ValueError as error:  # e.g. too few samples for the val split
         raise ConfigError(str(error)) from error
@@ -499,6 +534,7 @@ def probe_run(run: LoadedRun, settings: ProbeSettings) -> dict[str, Any]:
         "weight_decay": settings.weight_decay,
         "train_images": result["train_samples"],
         "val_images": result["val_samples"],
-        "test_images": len(test_set),
+        "test_images": result["test_samples"],
+        "streamed": train_set.streamed,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }

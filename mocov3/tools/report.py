@@ -28,11 +28,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mocov3.data.records import has_test_split  # noqa: E402
-from mocov3.data.sources import load_data  # noqa: E402
 from mocov3.errors import CheckpointError, ConfigError, DatasetError  # noqa: E402
-from mocov3.eval.knn import extract_features, knn_predict  # noqa: E402
+from mocov3.eval.knn import knn_classify  # noqa: E402
+from mocov3.eval.splits import labelled_splits  # noqa: E402
 from mocov3.models.checkpoint import open_checkpoint  # noqa: E402
 from mocov3.runtime.device import resolve_device  # noqa: E402
+from mocov3.runtime.distributed import is_main_process, launched_info  # noqa: E402
 from mocov3.runtime.logging import format_duration, read_metrics  # noqa: E402
 from mocov3.runtime.precision import eval_precision  # noqa: E402
 from mocov3.tools.plots import plot_run  # noqa: E402
@@ -238,46 +239,36 @@ def analyse_test_split(run_dir: Path, device: str | None, notes: list[str]) -> S
             "(a folder needs val/ or test/ with class sub-folders)."
         )
         return None
-    train_set, test_set = load_data(config)
-    if test_set is None or train_set.labels is None or test_set.labels is None:
-        notes.append(f"{skip}: the data '{config.data.name}' has no labelled test split.")
+    normalisation = (run.state["mean"], run.state["std"])
+    try:
+        memory, queries = labelled_splits(config, "the report", run.in_chans, normalisation)
+    except DatasetError as error:
+        notes.append(f"{skip}: {error}.")
         return None
-    if train_set.channels != run.in_chans:
-        raise DatasetError(
-            f"the data has {train_set.channels} channels but the checkpoint expects "
-            f"{run.in_chans}"
-        )
-    dev = resolve_device(device or config.train.device)
-    ev = config.eval
-    memory = train_set.subset(ev.train_subset) if ev.train_subset else train_set
-    queries = test_set.subset(ev.test_subset) if ev.test_subset else test_set
+    dev = resolve_device(device or config.train.device, launched_info())
     backbone = run.backbone("query").to(dev)
     precision = eval_precision(config.train.precision, dev)
-    args = (train_set.mean, train_set.std, dev, ev.batch_size, precision)
-    memory_features = extract_features(backbone, memory.images, *args)
-    query_features = extract_features(backbone, queries.images, *args)
-    classes = list(test_set.classes)
-    num_classes = max(len(classes), int(memory.labels.max()) + 1, int(queries.labels.max()) + 1)
+    result = knn_classify(backbone, memory, queries, config, dev, precision=precision)
+    classes = list(queries.classes)
+    num_classes = max(len(classes), memory.num_classes, queries.num_classes)
     classes += [str(i) for i in range(len(classes), num_classes)]
-    k = ev.knn_k[0]
-    predictions = knn_predict(
-        memory_features, memory.labels, query_features, [k], ev.knn_temperature, num_classes
-    )[k]
-    confusion = torch.bincount(
-        queries.labels * num_classes + predictions, minlength=num_classes**2
-    ).view(num_classes, num_classes)
-    n_pca = min(MAX_PCA_POINTS, len(queries))
-    coords, explained = pca_2d(query_features[:n_pca])
+    k = config.eval.knn_k[0]
+    predictions, labels = result.predictions[k], result.labels
+    confusion = torch.bincount(labels * num_classes + predictions, minlength=num_classes**2).view(
+        num_classes, num_classes
+    )
+    n_pca = min(MAX_PCA_POINTS, len(labels))
+    coords, explained = pca_2d(result.query_features[:n_pca].float())
     return SplitAnalysis(
         classes=classes,
         k=k,
-        labels=queries.labels,
+        labels=labels,
         predictions=predictions,
         confusion=confusion,
         pca=coords,
-        pca_labels=queries.labels[:n_pca],
+        pca_labels=labels[:n_pca],
         explained=explained,
-        memory_size=len(memory),
+        memory_size=result.memory_images,
     )
 
 
@@ -420,6 +411,8 @@ def render_html(run_dir: Path, device: str | None = None) -> str:
     except (DatasetError, CheckpointError, ConfigError) as error:
         notes.append(f"The PCA map and the confusion matrix are left out: {error}")
         print(f"warning: {error}", file=sys.stderr)
+    if not is_main_process():  # under torchrun the others only share the kNN's work
+        return ""
 
     parts = [
         "<!DOCTYPE html>",
@@ -510,6 +503,7 @@ def write_report(
         )
     page = render_html(run_dir, device)
     path = Path(out).expanduser() if out else run_dir / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(page, encoding="utf-8")
     return path

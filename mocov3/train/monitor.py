@@ -19,6 +19,7 @@ from torch import nn
 
 from mocov3.config import Config
 from mocov3.data.images import ImageDataset
+from mocov3.data.labelled import EvalSplit
 from mocov3.data.sources import TrainingData
 from mocov3.eval.knn import evaluate_knn, extract_features
 from mocov3.runtime.logging import MetricsLog, NullLog, Progress
@@ -50,8 +51,10 @@ class KnnMonitor:
         if not self.available or not self.is_main:
             return None
         assert self.knn_memory is not None and self.test_set is not None
+        memory = EvalSplit.of_dataset(self.knn_memory, "train")
+        queries = EvalSplit.of_dataset(self.test_set, "test")
         return evaluate_knn(
-            backbone, self.knn_memory, self.test_set, self.config, self.device, sizes=sizes
+            backbone, memory, queries, self.config, self.device, sizes=sizes, distributed=False
         )
 
     def due(self, step: int, total_steps: int) -> bool:

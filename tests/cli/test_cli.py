@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from mocov3.cli import build_parser, main
-from mocov3.cli.pretrain import resume_command
+from mocov3.cli.common import resume_command
 
 COMMANDS = [
     "pretrain", "knn", "linear", "finetune", "embed", "report", "bench", "export",

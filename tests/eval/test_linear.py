@@ -11,6 +11,7 @@ from torch import nn
 
 from mocov3.cli import main
 from mocov3.data.images import ImageDataset
+from mocov3.data.labelled import EvalSplit
 from mocov3.eval.features import snapshot, unchanged
 from mocov3.eval.linear import (
     augmented_features,
@@ -182,6 +183,11 @@ class MutatingBackbone(nn.Module):
         return x.flatten(1)
 
 
+def toy_split(n: int, seed: int) -> EvalSplit:
+    """:func:`toy_dataset` as an evaluation split."""
+    return EvalSplit.of_dataset(toy_dataset(n, seed))
+
+
 def toy_dataset(n: int, seed: int) -> ImageDataset:
     """Two classes of 8x8 grey images: bright left half or bright right half."""
     generator = torch.Generator().manual_seed(seed)
@@ -193,7 +199,7 @@ def toy_dataset(n: int, seed: int) -> ImageDataset:
 
 
 def test_probe_flags_a_backbone_that_changes_itself():
-    train_set, test_set = toy_dataset(200, 1), toy_dataset(100, 2)
+    train_set, test_set = toy_split(200, 1), toy_split(100, 2)
     kwargs = dict(lrs=[0.1], device=torch.device("cpu"), epochs=3, batch_size=64)
     result = probe_backbone(MutatingBackbone(), train_set, test_set, **kwargs)
     assert result["backbone_unchanged"] is False
@@ -204,10 +210,10 @@ def test_probe_flags_a_backbone_that_changes_itself():
 def test_augmented_features_are_new_views_every_epoch():
     data = toy_dataset(16, 3)
     indices = torch.arange(16)
-    args = (data.mean, data.std, torch.device("cpu"))
-    epoch0 = augmented_features(nn.Flatten(), data.images, indices, 0, 0, *args)
-    again = augmented_features(nn.Flatten(), data.images, indices, 0, 0, *args)
-    epoch1 = augmented_features(nn.Flatten(), data.images, indices, 1, 0, *args)
+    split, cpu = EvalSplit.of_dataset(data), torch.device("cpu")
+    epoch0 = augmented_features(nn.Flatten(), split, indices, 0, 0, cpu)
+    again = augmented_features(nn.Flatten(), split, indices, 0, 0, cpu)
+    epoch1 = augmented_features(nn.Flatten(), split, indices, 1, 0, cpu)
     clean = (data.images.float() / 255 - 0.4) / 0.3
     assert torch.equal(epoch0, again)
     assert not torch.allclose(epoch0, epoch1)
@@ -218,17 +224,16 @@ def test_augmented_features_are_new_views_every_epoch():
 def test_augmented_features_follow_the_crop_scale():
     data = toy_dataset(32, 4)
     indices = torch.arange(32)
-    args = (data.mean, data.std, torch.device("cpu"))
+    split, cpu = EvalSplit.of_dataset(data), torch.device("cpu")
     clean = (data.images.float() / 255 - 0.4) / 0.3
     # area 100%: on 8x8 images the only crop that fits is the whole image (any other aspect
     # ratio in [3/4, 4/3] rounds to 9 pixels on a side), so each view is the image or its flip
-    whole = augmented_features(nn.Flatten(), data.images, indices, 0, 0, *args,
-                               crop_scale=(1.0, 1.0))
+    whole = augmented_features(nn.Flatten(), split, indices, 0, 0, cpu, crop_scale=(1.0, 1.0))
     as_is = (whole - clean.flatten(1)).abs().amax(dim=1) < 1e-5
     flipped = (whole - clean.flip(-1).flatten(1)).abs().amax(dim=1) < 1e-5
     assert bool((as_is | flipped).all()) and as_is.any() and flipped.any()
     # the reference's 8-100% crops change the pixels of almost every view
-    reference = augmented_features(nn.Flatten(), data.images, indices, 0, 0, *args)
+    reference = augmented_features(nn.Flatten(), split, indices, 0, 0, cpu)
     assert not torch.allclose(reference, whole)
 
 
@@ -250,8 +255,9 @@ def test_probe_backbone_passes_the_crop_scale_to_the_augmented_views(crop_scale,
                                                                      only_whole_images):
     train_set, test_set = toy_dataset(64, 5), toy_dataset(32, 6)
     backbone = RecordingFlatten()
-    probe_backbone(backbone, train_set, test_set, lrs=[0.1], device=torch.device("cpu"),
-                   epochs=2, batch_size=32, augmented=True, crop_scale=crop_scale)
+    probe_backbone(backbone, EvalSplit.of_dataset(train_set), EvalSplit.of_dataset(test_set),
+                   lrs=[0.1], device=torch.device("cpu"), epochs=2, batch_size=32,
+                   augmented=True, crop_scale=crop_scale)
     images = torch.cat([train_set.images, test_set.images]).float() / 255
     whole = ((torch.cat([images, images.flip(-1)]) - 0.4) / 0.3).flatten(1)
     seen = torch.cat(backbone.seen).flatten(1)
