@@ -99,19 +99,22 @@ def local_features(
     views: Views = WHOLE,
     normalise: bool = True,
     distributed: bool = True,
+    indices: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This process's share (:func:`shard_range`) of the features of ``split``'s first
-    ``count`` images (all by default): ``(features [n, D] in dtype, L2-normalised when
-    ``unit_norm``; indices [n])``, with a progress line labelled ``label``.
-    ``distributed`` False: all of them, whatever the other processes do."""
+    """This process's share (:func:`shard_range`) of the features of ``split``'s images
+    ``indices`` (default: the first ``count``, or all): ``(features [n, D] in dtype,
+    L2-normalised when ``unit_norm``; indices [n])``, with a progress line labelled
+    ``label``. ``distributed`` False: all of them, whatever the other processes do."""
     rank, world = rank_and_world() if distributed else (0, 1)
-    total = len(split) if count is None else min(count, len(split))
-    indices = torch.tensor(shard_range(total, rank, world), dtype=torch.int64)
+    if indices is None:
+        indices = torch.arange(len(split) if count is None else min(count, len(split)))
+    span = shard_range(len(indices), rank, world)
     parts, kept = [], []
-    with Progress(label, total, processes=world) as progress:
+    with Progress(label, len(indices), processes=world) as progress:
         for features, chunk in feature_batches(
-            backbone, split, indices, device, batch_size, precision, views, normalise, progress
-        ):
+            backbone, split, indices[span.start : span.stop], device, batch_size, precision,
+            views, normalise, progress,
+        ):  # fmt: skip
             if unit_norm:
                 features = F.normalize(features, dim=1)
             parts.append(features.to(dtype))

@@ -52,11 +52,11 @@ from torch import nn
 from mocov3.data.labelled import WHOLE, EvalSplit, Views
 from mocov3.errors import ConfigError, DatasetError
 from mocov3.eval.features import ProbeFeatures, snapshot, unchanged
-from mocov3.eval.knn import feature_batches
+from mocov3.eval.knn import local_features
 from mocov3.eval.splits import labelled_splits
 from mocov3.models.checkpoint import LoadedRun
 from mocov3.runtime.device import resolve_device
-from mocov3.runtime.distributed import gather_rows, launched_info, rank_and_world, shard_range
+from mocov3.runtime.distributed import gather_rows, launched_info
 from mocov3.runtime.precision import eval_precision
 from mocov3.runtime.progress import Progress
 
@@ -302,29 +302,11 @@ def split_features(
     """Features (float32: 2 GB for ImageNet's 1.28M x 384) of ``split``'s images
     ``indices`` (all by default), each process extracting its share, then shared by all:
     ``(features [n, D], indices [n])``, a streamed split's unreadable images left out."""
-    rank, world = rank_and_world()
-    indices = torch.arange(len(split)) if indices is None else indices
-    span = shard_range(len(indices), rank, world)
-    mine = indices[span.start : span.stop]
-    parts, kept = [], []
-    with Progress(label, len(indices), processes=world) as progress:
-        for features, chunk in feature_batches(
-            backbone, split, mine, device, batch_size, precision, views, progress=progress
-        ):
-            parts.append(features)
-            kept.append(chunk)
-    dim = feature_dim_of(backbone, split, device, precision) if not parts else parts[0].shape[1]
-    features = torch.cat(parts) if parts else torch.empty(0, dim)
-    kept_all = torch.cat(kept) if kept else torch.empty(0, dtype=torch.int64)
-    return gather_rows(features), gather_rows(kept_all)
-
-
-def feature_dim_of(
-    backbone: nn.Module, split: EvalSplit, device: torch.device, precision: str
-) -> int:
-    """The probe's feature width, from one image (a process with no share still needs it)."""
-    features, _ = next(feature_batches(backbone, split, torch.tensor([0]), device, 1, precision))
-    return int(features.shape[1])
+    features, kept = local_features(
+        backbone, split, device, batch_size, precision, label, dtype=torch.float32,
+        unit_norm=False, views=views, indices=indices,
+    )  # fmt: skip
+    return gather_rows(features), gather_rows(kept)
 
 
 def augmented_features(
