@@ -27,6 +27,10 @@ training set per epoch: meant for GPUs, slow on a CPU. ``--crop-scale LO HI`` ch
 crop's area range, e.g. to the one the backbone was pretrained with (the reference's 0.08
 is the paper's ImageNet pretraining crop; a small-image preset crops far less).
 
+Under torchrun each process extracts its share of the features, which are then shared,
+and takes its slice of every batch: the BatchNorm's statistics and the gradients are summed
+over the processes, so every process takes the one-process step.
+
 ``--features`` picks what the probe reads (:mod:`mocov3.eval.features`): the class token by
 default, as the paper; DINO's ``cls+avgpool``, ``last4`` and ``last4+avgpool`` for
 comparison.
@@ -56,7 +60,13 @@ from mocov3.eval.knn import local_features
 from mocov3.eval.splits import labelled_splits
 from mocov3.models.checkpoint import LoadedRun
 from mocov3.runtime.device import resolve_device
-from mocov3.runtime.distributed import gather_rows, launched_info
+from mocov3.runtime.distributed import (
+    gather_rows,
+    launched_info,
+    rank_and_world,
+    shard_range,
+    sum_over_processes,
+)
 from mocov3.runtime.precision import eval_precision
 from mocov3.runtime.progress import Progress
 
@@ -104,6 +114,21 @@ def init_classifier(dim: int, num_classes: int, seed: int) -> tuple[torch.Tensor
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(dim, num_classes, generator=generator) * INIT_STD
     return weight, torch.zeros(num_classes)
+
+
+@torch.no_grad()
+def standardise(x: torch.Tensor, bn: nn.BatchNorm1d, batch: int) -> torch.Tensor:
+    """``bn`` (parameter-free) in training mode over a global batch of ``batch`` rows of
+    which this process holds ``x``: the mean and the biased variance summed over the
+    processes, the running statistics updated as ``nn.BatchNorm1d`` updates them (unbiased
+    variance, its momentum). The features are constants, so no gradient flows here."""
+    mean = sum_over_processes(x.sum(dim=0)) / batch
+    var = sum_over_processes((x - mean).square().sum(dim=0)) / batch
+    momentum = bn.momentum if bn.momentum is not None else 0.1
+    assert bn.running_mean is not None and bn.running_var is not None
+    bn.running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
+    bn.running_var.mul_(1.0 - momentum).add_(var * batch / max(batch - 1, 1), alpha=momentum)
+    return (x - mean) / torch.sqrt(var + bn.eps)
 
 
 def _batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -165,22 +190,23 @@ def train_linear_probes(
     steps_per_epoch = len(_batches(torch.arange(n), batch_size))
     total = epochs * steps_per_epoch
     step = 0
+    rank, world = rank_and_world()
     progress = Progress(f"linear probes ({count} lrs)", epochs, unit="epochs")
     for epoch in range(epochs):
         if epoch > 0:
             features = features_of(epoch)
         order = torch.randperm(n, generator=generator)
-        if bn is not None:
-            bn.train()
         for index in _batches(order, batch_size):
-            x = features[index].float()
+            span = shard_range(len(index), rank, world)  # this process's part of the batch
+            mine = index[span.start : span.stop]
+            x = features[mine].float()
             if bn is not None:
-                x = bn(x)
+                x = standardise(x, bn, len(index))
             logits = torch.einsum("nd,ldc->lnc", x, weight) + bias[:, None, :]
             loss = F.cross_entropy(
-                logits.reshape(-1, num_classes), train_y[index].repeat(count), reduction="sum"
+                logits.reshape(-1, num_classes), train_y[mine].repeat(count), reduction="sum"
             ) / len(index)
-            grads = torch.autograd.grad(loss, (weight, bias))
+            grads = [sum_over_processes(g) for g in torch.autograd.grad(loss, (weight, bias))]
             lr = peak * (0.5 * (1.0 + math.cos(math.pi * step / total)))
             with torch.no_grad():
                 for param, grad, buf, shape in zip(

@@ -17,6 +17,7 @@ from mocov3.eval.linear import (
     augmented_features,
     linear_probe,
     probe_backbone,
+    standardise,
     train_linear_probes,
 )
 from mocov3.models.checkpoint import open_checkpoint
@@ -275,3 +276,15 @@ def test_crop_scale_is_refused_without_augmentation_or_out_of_range(capsys):
         assert main([*argv[:3], "--augmented", "--crop-scale", low, high]) == 2
         error = capsys.readouterr().err.strip()
         assert len(error.splitlines()) == 1 and "0 < LO <= HI <= 1" in error
+
+
+def test_standardise_is_batchnorm_in_training_mode():
+    """The probe's BatchNorm, written to sum its statistics over processes, computes on one
+    process what nn.BatchNorm1d(affine=False) computes, running statistics included."""
+    generator = torch.Generator().manual_seed(0)
+    reference, mine = nn.BatchNorm1d(6, affine=False), nn.BatchNorm1d(6, affine=False)
+    for _ in range(3):
+        x = torch.randn(32, 6, generator=generator) * 3 + 1
+        torch.testing.assert_close(standardise(x, mine, 32), reference.train()(x))
+    torch.testing.assert_close(mine.running_mean, reference.running_mean)
+    torch.testing.assert_close(mine.running_var, reference.running_var)
