@@ -78,7 +78,7 @@ from mocov3.eval.finetune_model import (
     layer_decay_param_groups,
     set_drop_path,
 )
-from mocov3.eval.splits import labelled_splits
+from mocov3.eval.splits import labelled_splits, top1_top5
 from mocov3.models.checkpoint import LoadedRun
 from mocov3.optim.schedules import warmup_cosine
 from mocov3.runtime.checkpoint import load_weights_only, resume_file, save_checkpoint
@@ -87,8 +87,6 @@ from mocov3.runtime.distributed import (
     ProcessInfo,
     any_process,
     mean_over_processes,
-    shard_range,
-    sum_over_processes,
     wrap_ddp,
 )
 from mocov3.runtime.precision import autocast_context, check_precision, resolve_precision
@@ -416,28 +414,27 @@ def evaluate_split(
 ) -> tuple[float, float]:
     """Top-1 and top-5 (%) of ``model`` on ``split[indices]`` seen as ``view`` (whole |
     centre), sharded over the processes (:func:`shard_range`), counts summed."""
-    assert split.labels is not None
     was_training = model.training
     model.eval()
-    block = shard_range(len(indices), process.rank, process.world_size)
-    mine = indices[block.start : block.stop]
-    top1 = top5 = seen = 0
+
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
+        with autocast_context(device, precision):
+            return model(x).float()
+
     try:
-        with Progress("evaluation", len(indices), "img", processes=process.world_size) as bar:
-            for x, kept in split.batches(mine, batch_size, device, Views(view)):  # type: ignore[arg-type]
-                with autocast_context(device, precision):
-                    logits = model(x).float()
-                labels = split.labels[kept].to(device)
-                hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-                top1 += int(hits[:, 0].sum())
-                top5 += int(hits.any(dim=1).sum())
-                seen += len(kept)
-                bar.update(len(kept))
+        top1, top5, _ = top1_top5(
+            logits_of,
+            split,
+            indices,
+            device,
+            batch_size,
+            Views(view),
+            process,
+            "evaluation",  # type: ignore[arg-type]
+        )
     finally:
         model.train(was_training)
-    counts = torch.tensor([top1, top5, seen], dtype=torch.float64, device=device)
-    top1, top5, seen = sum_over_processes(counts).tolist()
-    return 100.0 * top1 / max(seen, 1), 100.0 * top5 / max(seen, 1)
+    return top1, top5
 
 
 # ----------------------------------------------------------------------------- entry

@@ -54,7 +54,7 @@ from mocov3.data.labelled import EvalSplit, Views
 from mocov3.data.sampling import epoch_order
 from mocov3.errors import CheckpointError, ConfigError
 from mocov3.eval.features import FEATURE_KINDS, ProbeFeatures, snapshot, unchanged
-from mocov3.eval.splits import labelled_splits
+from mocov3.eval.splits import labelled_splits, top1_top5
 from mocov3.models.checkpoint import LoadedRun
 from mocov3.models.moco import ENCODERS
 from mocov3.runtime.checkpoint import LATEST, load_weights_only, resume_file, save_checkpoint
@@ -75,7 +75,6 @@ INIT_STD = 0.01  # main_lincls.py: weight.data.normal_(mean=0.0, std=0.01), bias
 BASE_LR_VIT = 3.0  # the MoCo v3 README's ViT linear probe: --lr 3
 BASE_LR_RESNET = 0.1  # main_lincls.py's default --lr (ResNet-50)
 CROP_SCALE = (0.08, 1.0)  # main_lincls.py: RandomResizedCrop(224) with torchvision's scale
-TOP_K = 5
 PURPOSE = "the reference linear probe"
 EVAL_VIEWS = Views("centre")  # Resize(256) + CenterCrop(224), scaled to the image size
 
@@ -259,28 +258,15 @@ def _sgd_step(probe: _Probe, features: torch.Tensor, labels: torch.Tensor) -> in
 def evaluate(probe: _Probe, label: str = "linear test") -> tuple[float, float, int]:
     """(top-1, top-5 in percent, images read) on the test split, each process its
     :func:`shard_range` of it, the correct counts summed over the processes."""
-    rank, world = probe.process.rank, probe.process.world_size
-    total = _test_count(probe)
-    indices = torch.tensor(shard_range(total, rank, world), dtype=torch.int64)
-    k = min(TOP_K, probe.classifier.out_features)
-    counts = torch.zeros(3, dtype=torch.float64, device=probe.device)
+
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
+        return probe.classifier(_features(probe, x, probe.classifier.in_features))
+
+    indices = torch.arange(_test_count(probe))
     batch = max(1, probe.settings.batch_size)
-    assert probe.test.labels is not None
-    with Progress(label, total, unit="img", processes=world) as progress:
-        for x, kept in probe.test.batches(indices, batch, probe.device, EVAL_VIEWS):
-            logits = probe.classifier(_features(probe, x, probe.classifier.in_features))
-            labels = probe.test.labels[kept].to(probe.device)
-            top = logits.topk(k, dim=1).indices
-            hits = top == labels[:, None]
-            counts += torch.tensor(
-                [hits[:, 0].sum(), hits.any(dim=1).sum(), len(kept)],
-                dtype=torch.float64,
-                device=probe.device,
-            )
-            progress.update(len(x))
-    correct1, correct5, read = sum_over_processes(counts).tolist()
-    read = max(read, 1.0)
-    return 100.0 * correct1 / read, 100.0 * correct5 / read, int(read)
+    return top1_top5(
+        logits_of, probe.test, indices, probe.device, batch, EVAL_VIEWS, probe.process, label
+    )
 
 
 def _test_count(probe: _Probe) -> int:
