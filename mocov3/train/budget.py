@@ -15,28 +15,42 @@ A few measured steps are a rough guide to the run's pace (on the demo they were 
 once and 40% slow another time), and a shared machine's speed wanders by 10-20% over
 minutes. A run cut short by the hard stop never reaches the low-lr end of its cosine, and
 one that finishes early leaves minutes unused. So the plan is made again at 5%, 30%, 60%
-and 85% of its steps (``replan_step``), from the wall time the run's own steps took since
-the previous plan, and the schedules are laid again over the steps that then fit. (The
-85% check was added after the hour preset's second seed sped up past its 60% re-plan and
-ended 195 s, 5.5% of its 3540 s budget, early.) A resumed
-run keeps its plan and makes the re-plans it has not made yet, from its own steps. At a
-re-plan the lr moves by about as many percent of its peak as the step count changes (a
-few, after the first; at 85% of a run with 10% warmup, +5% steps lifts the lr from 6.7% to
-10.7% of its peak).
+and 85% of its steps (``replan_step``): the time left (the wall clock, stalls included)
+divided by the run's recent pace. The pace is the median of the seconds per step of
+windows of ``WINDOW_STEPS`` steps since the previous plan (logging and checkpoints in
+them, the kNN monitor not), so a stall of another process's making costs the minutes it
+took and no more: it slows one window, which the median passes over, instead of the pace
+of every step still to come. A resumed run measures its windows afresh and makes the
+re-plans it has not made yet.
+
+At a re-plan the schedules are laid again from the current step (``relay_schedules``):
+during the warmup, the warmup to the same peak at the new count's warmup end; after it, a
+half-cosine from the current lr down to ``optim.min_lr`` over the steps that now fit, and
+the momentum from its current value up to 1.0. After the warmup the lr never rises and the
+momentum never falls, whichever way the step count moves. The plan records each layout
+(``BudgetPlan.segments``), and ``plan_schedules`` rebuilds the arrays from it alone, so a
+resumed run uses the very same values.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from mocov3.config import Config
 from mocov3.errors import CheckpointError, TrainingError
-from mocov3.optim.schedules import momentum_cosine, scaled_lr, warmup_cosine
+from mocov3.optim.schedules import (
+    momentum_cosine,
+    relay_momentum,
+    relay_warmup_cosine,
+    scaled_lr,
+    warmup_cosine,
+)
 
 # seconds kept back for writing the last checkpoint, plots and summary
 FIXED_RESERVE_SECONDS = 3.0
@@ -46,6 +60,10 @@ PLAN_MARGIN = 0.97
 # least REPLAN_MIN_STEPS after the start or the previous check
 REPLAN_FRACTIONS = (0.05, 0.3, 0.6, 0.85)
 REPLAN_MIN_STEPS = 20
+# the pace is the median seconds per step of windows this many steps long, and a re-plan
+# waits for at least MIN_WINDOWS of them since the previous plan (or a resume)
+WINDOW_STEPS = 5
+MIN_WINDOWS = 3
 
 
 @dataclass
@@ -55,7 +73,10 @@ class BudgetPlan:
     evaluation; ``monitor_seconds_per_step``: the kNN monitor's cost spread over steps;
     ``planned_after_seconds``: wall seconds already spent when it was planned;
     ``first_steps``: the first plan's steps, ``replanned_at_step`` the step of the latest
-    re-plan (both None until one) and ``replans`` how many were made."""
+    re-plan (both None until one) and ``replans`` how many were made; ``segments``: the
+    schedules' layouts, ``[step, total_steps]`` each, the first ``[0, first plan]`` and one
+    more for each re-plan that changed the count (empty in a plan saved before layouts were
+    kept: its schedules were laid over ``steps`` alone). See :func:`plan_schedules`."""
 
     minutes: float
     steps: int
@@ -66,13 +87,16 @@ class BudgetPlan:
     first_steps: int | None = None
     replanned_at_step: int | None = None
     replans: int = 0
+    segments: list[list[int]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> BudgetPlan:
-        return cls(**{key: values[key] for key in cls.__dataclass_fields__ if key in values})
+        plan = cls(**{key: values[key] for key in cls.__dataclass_fields__ if key in values})
+        plan.segments = [[int(step), int(total)] for step, total in plan.segments]
+        return plan
 
     @property
     def seconds(self) -> float:
@@ -120,7 +144,7 @@ def saved_plan(state: dict[str, Any] | None) -> BudgetPlan | None:
         return None
     try:
         return BudgetPlan.from_dict(saved)
-    except (KeyError, TypeError) as error:
+    except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(
             f"the checkpoint's time-budget plan is unreadable ({error}); resume without "
             "train.budget_minutes, or start a new run"
@@ -130,10 +154,12 @@ def saved_plan(state: dict[str, Any] | None) -> BudgetPlan | None:
 class BudgetPlanner:
     """Keeps a budgeted run's plan in step with its pace.
 
-    ``begin`` marks where the pace is measured from (the loop's start, then each re-plan);
-    ``replan`` makes the plan again at :func:`replan_step` from the wall time the steps
-    since then took (logging and checkpoints included, the kNN monitor excluded: it keeps
-    its own estimate); ``out_of_time`` is the hard stop. ``agree`` turns one process's step
+    ``begin`` marks where the pace is measured from (the loop's start, a resumed session's
+    included: windows from before are dropped); ``replan``, called after every step,
+    closes a window every ``WINDOW_STEPS`` steps (its wall seconds per step, logging and
+    checkpoints included, the kNN monitor excluded: it keeps its own estimate) and makes the
+    plan again at :func:`replan_step` from the median window since the previous plan;
+    ``out_of_time`` is the hard stop. ``agree`` turns one process's step
     count into the one every process uses (the mean for the first plan, the main process's
     for re-plans: the others wait out its kNN monitor inside their next step, which would
     count the monitor twice).
@@ -141,7 +167,8 @@ class BudgetPlanner:
 
     def __init__(self, plan: BudgetPlan | None = None) -> None:
         self.plan = plan
-        self._pace_from = (0, 0.0, 0.0)  # (step, elapsed, monitor seconds)
+        self._window_from = (0, 0.0, 0.0)  # (step, elapsed, monitor seconds)
+        self.windows: list[float] = []  # seconds per step of the windows since the last plan
 
     def make_plan(
         self,
@@ -155,9 +182,11 @@ class BudgetPlanner:
         steps = plan_steps(
             minutes * 60, elapsed, step_seconds, eval_seconds, monitor_seconds_per_step
         )
+        steps = agree(steps)
         self.plan = BudgetPlan(
-            minutes, agree(steps), step_seconds, eval_seconds, monitor_seconds_per_step, elapsed
+            minutes, steps, step_seconds, eval_seconds, monitor_seconds_per_step, elapsed
         )
+        self.plan.segments = [[0, steps]]
         return self.plan
 
     def describe_plan(self, steps_per_epoch: int) -> str:
@@ -179,47 +208,75 @@ class BudgetPlanner:
         )
 
     def begin(self, step: int, elapsed: float, monitor_seconds: float) -> None:
-        self._pace_from = (step, elapsed, monitor_seconds)
+        self._window_from = (step, elapsed, monitor_seconds)
+        self.windows = []
+
+    def observe(self, step: int, elapsed: float, monitor_seconds: float) -> None:
+        """Close the current window once it spans ``WINDOW_STEPS`` steps."""
+        first, started, monitor_before = self._window_from
+        if step - first < WINDOW_STEPS:
+            return
+        spent = elapsed - started - (monitor_seconds - monitor_before)
+        self.windows.append(spent / (step - first))
+        self._window_from = (step, elapsed, monitor_seconds)
 
     def replan(
         self, step: int, elapsed: float, monitor_seconds: float, agree: Callable[[int], int]
     ) -> int | None:
         """The previous step count when the plan was made again at ``step`` (``plan``
-        then holds the new count and the measured pace), else None."""
+        then holds the new count, the pace and the new layout), else None."""
+        self.observe(step, elapsed, monitor_seconds)
         plan = self.plan
         if plan is None:
             return None
         at = replan_step(plan.steps, plan.replans, plan.replanned_at_step)
-        first_step, started, monitor_before = self._pace_from
-        # resumed just before: too few steps to measure, the check waits for ten
-        if at is None or step < at or step - first_step < 10:
+        # resumed just before: too few windows to measure, the check waits for them
+        if at is None or step < at or len(self.windows) < MIN_WINDOWS:
             return None
-        spent = elapsed - started - (monitor_seconds - monitor_before)
-        pace = spent / (step - first_step)
+        pace = statistics.median(self.windows)
         left = plan_steps(
             plan.seconds, elapsed, pace, plan.eval_seconds, plan.monitor_seconds_per_step
         )
         was = plan.steps
         if plan.first_steps is None:
             plan.first_steps = plan.steps
+        if not plan.segments:  # a plan saved before layouts were kept
+            plan.segments = [[0, plan.steps]]
         plan.replanned_at_step, plan.replans = step, plan.replans + 1
         plan.steps, plan.step_seconds = agree(step + left), pace
         plan.planned_after_seconds = elapsed
-        self.begin(step, elapsed, monitor_seconds)  # the next measure starts here
+        if plan.steps != was:
+            plan.segments.append([step, plan.steps])
+        self.windows = []  # the next plan measures from here
         return was
 
 
 @dataclass
 class Schedules:
-    """Per-step lr and momentum arrays, and the epoch length they were laid over."""
+    """Per-step lr and momentum arrays, the epoch length they were laid over, and the step
+    the lr's warmup ends at."""
 
     lr: np.ndarray
     momentum: np.ndarray
     steps_per_epoch: int
+    warmup_steps: int = 0
 
     @property
     def total_steps(self) -> int:
         return len(self.lr)
+
+
+def describe_length(config: Config) -> str:
+    """One line saying what sets the run's length (the first line a run prints)."""
+    t, warmup = config.train, config.optim.warmup_epochs
+    if t.budget_minutes:
+        return (
+            f"length: a {t.budget_minutes:g}-minute time budget (train.budget_minutes) sizes "
+            f"the run; train.epochs {t.epochs:g} sets only the warmup's share ({warmup:g} / "
+            f"{t.epochs:g} epochs); --epochs without --budget-minutes trains exactly that "
+            "many epochs instead"
+        )
+    return f"length: {t.epochs:g} epochs (train.epochs), warmup {warmup:g} epochs; no time budget"
 
 
 def build_schedules(config: Config, num_images: int, total_steps: int | None = None) -> Schedules:
@@ -238,8 +295,40 @@ def build_schedules(config: Config, num_images: int, total_steps: int | None = N
         warmup = round(config.optim.warmup_epochs * steps_per_epoch)
     else:
         total = total_steps
-        warmup = round(total * config.optim.warmup_epochs / config.train.epochs)
+        warmup = _warmup_share(config, total)
     peak = scaled_lr(config.optim.base_lr, batch)
     lr = warmup_cosine(peak, total, warmup, config.optim.min_lr)
     momentum = momentum_cosine(config.moco.momentum, total, config.moco.momentum_cosine)
-    return Schedules(lr, momentum, steps_per_epoch)
+    return Schedules(lr, momentum, steps_per_epoch, min(warmup, total))
+
+
+def relay_schedules(config: Config, schedules: Schedules, step: int, total: int) -> Schedules:
+    """``schedules`` laid again from ``step`` over ``total`` steps: the values before
+    ``step`` kept; a warmup still running goes on to the same peak at the new count's
+    warmup end (its share of the run, if that is still ahead); otherwise the lr falls from
+    its value at ``step`` to ``optim.min_lr``; the momentum rises from its value to 1.0."""
+    warmup = schedules.warmup_steps
+    if step < warmup:  # in the warmup: it ends at its share of the new count, or now
+        warmup = max(step, min(total, _warmup_share(config, total)))
+    peak = scaled_lr(config.optim.base_lr, config.train.batch_size)
+    lr = relay_warmup_cosine(schedules.lr, step, total, warmup, peak, config.optim.min_lr)
+    momentum = relay_momentum(schedules.momentum, step, total, config.moco.momentum_cosine)
+    return Schedules(lr, momentum, schedules.steps_per_epoch, warmup)
+
+
+def plan_schedules(config: Config, num_images: int, plan: BudgetPlan | None) -> Schedules:
+    """The schedules a run uses: over ``train.epochs`` without a plan; with one, laid over
+    its first layout's step count and again at each later one (:func:`relay_schedules`).
+    They depend on the plan alone, so a resumed run rebuilds them bit for bit."""
+    if plan is None:
+        return build_schedules(config, num_images)
+    layouts = plan.segments or [[0, plan.steps]]
+    schedules = build_schedules(config, num_images, layouts[0][1])
+    for step, total in layouts[1:]:
+        schedules = relay_schedules(config, schedules, step, total)
+    return schedules
+
+
+def _warmup_share(config: Config, total_steps: int) -> int:
+    """The warmup of a run of ``total_steps``: its share ``warmup_epochs / epochs``."""
+    return round(total_steps * config.optim.warmup_epochs / config.train.epochs)

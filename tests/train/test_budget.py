@@ -7,6 +7,7 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mocov3.cli import main
@@ -16,10 +17,14 @@ from mocov3.runtime.checkpoint import load_checkpoint
 from mocov3.train.budget import (
     FIXED_RESERVE_SECONDS,
     PLAN_MARGIN,
+    WINDOW_STEPS,
     BudgetPlan,
     BudgetPlanner,
     build_schedules,
+    describe_length,
+    plan_schedules,
     plan_steps,
+    relay_schedules,
     replan_step,
     saved_plan,
 )
@@ -50,8 +55,8 @@ def test_plan_steps_matches_a_hand_computation():
     assert replan_step(1000, 1, 50) == 300 and replan_step(1000, 2, 300) == 600
     assert replan_step(1000, 3, 600) == 850 and replan_step(1000, 4, 850) is None  # four
     assert replan_step(100, 1, 20) == 40 and replan_step(50, 2, 40) is None
-    # a plan saved before re-plans existed still loads
-    new_keys = ("first_steps", "replanned_at_step", "replans")
+    # a plan saved before re-plans (or their layouts) were kept still loads
+    new_keys = ("first_steps", "replanned_at_step", "replans", "segments")
     old = {k: v for k, v in plan.to_dict().items() if k not in new_keys}
     assert BudgetPlan.from_dict(old) == plan
     # a checkpoint with a damaged plan is a one-line checkpoint error, not a TypeError
@@ -59,23 +64,110 @@ def test_plan_steps_matches_a_hand_computation():
         saved_plan({"progress": {"budget": {"minutes": 1.0}}})
 
 
+def drive(planner, steps, elapsed, seconds_per_step, stalls=None, monitor=None):
+    """Call ``planner.replan`` after each of ``steps`` (a range) on a synthetic clock: each
+    step takes ``seconds_per_step``, plus ``stalls[step]`` seconds of wall time (another
+    process's) and ``monitor[step]`` seconds of kNN monitor. Returns the clock, the monitor
+    seconds and the (step, was, now) of each re-plan."""
+    monitor_seconds, replans = 0.0, []
+    for step in steps:
+        elapsed += seconds_per_step + (stalls or {}).get(step, 0.0)
+        extra = (monitor or {}).get(step, 0.0)
+        elapsed, monitor_seconds = elapsed + extra, monitor_seconds + extra
+        if (was := planner.replan(step, elapsed, monitor_seconds, agree=int)) is not None:
+            replans.append((step, was, planner.plan.steps))
+    return elapsed, monitor_seconds, replans
+
+
 def test_the_planner_replans_from_the_pace_without_the_monitor():
     planner = BudgetPlanner()
     plan = planner.make_plan(1.0, 5.0, 0.5, 10.0, 0.1, agree=lambda steps: steps - 1)
     assert plan.steps == plan_steps(60, 5, 0.5, 10, 0.1) - 1  # the processes' agreed count
+    assert plan.segments == [[0, plan.steps]]
     assert planner.describe_plan(8).startswith(f"time budget 1 min: {plan.steps} steps")
     planner.begin(0, 5.0, 0.0)
     at = replan_step(plan.steps)
-    assert planner.replan(at - 1, 20.0, 3.0, agree=int) is None  # not yet
-    # at the re-plan step: 2 s of the 10 spent since were the kNN monitor's, not the steps'
     first = plan.steps
-    was = planner.replan(at, 15.0, 2.0, agree=int)
-    assert was == first and plan.replans == 1 and plan.replanned_at_step == at
-    assert plan.step_seconds == pytest.approx(8.0 / at)
-    left = plan_steps(60, 15.0, 8.0 / at, 10.0, 0.1)
-    assert plan.steps == at + left and plan.first_steps == was
-    assert "re-planned at step" in planner.describe_replan(was, 8)
+    # 0.4 s per step, and 2 s of kNN monitor after step 7: not the steps' time
+    elapsed, _, replans = drive(planner, range(1, at), 5.0, 0.4, monitor={7: 2.0})
+    assert replans == [] and len(planner.windows) == (at - 1) // WINDOW_STEPS  # not yet
+    elapsed, _, replans = drive(planner, [at], elapsed, 0.4)
+    assert replans == [(at, first, plan.steps)]
+    assert plan.replans == 1 and plan.replanned_at_step == at
+    assert plan.step_seconds == pytest.approx(0.4)
+    left = plan_steps(60, elapsed, plan.step_seconds, 10.0, 0.1)
+    assert plan.steps == at + left and plan.first_steps == first
+    assert plan.segments == [[0, first], [at, plan.steps]]
+    assert "re-planned at step" in planner.describe_replan(first, 8)
     assert BudgetPlanner().replan(100, 1.0, 0.0, agree=int) is None  # no budget: no plan
+
+
+def test_a_stall_costs_its_own_time_not_the_pace():
+    # the demo's case: a 14-minute budget at 0.24 s per step, and another process stalls the
+    # machine for 120 s before the first re-plan; the plan loses the steps those 120 s would
+    # have held and no more (a mean pace since the plan would count them in every step to
+    # come, and cut the plan to about a quarter)
+    def run(stalls):
+        planner = BudgetPlanner()
+        planner.make_plan(14.0, 30.0, 0.24, 20.0, 0.0, agree=int)
+        planner.begin(0, 30.0, 0.0)
+        return planner, drive(planner, range(1, 1200), 30.0, 0.24, stalls)[2]
+
+    planner, smooth = run({})
+    stalled = run({100: 120.0})[1]
+    assert len(smooth) == len(stalled) == 2  # at 5% and 30% of the plan
+    assert smooth[0][0] == stalled[0][0] > 100 and smooth[0][1] == stalled[0][1]
+    lost = 120.0 * PLAN_MARGIN / 0.24  # the steps the stall's time would have held
+    assert abs(smooth[0][2] - lost - stalled[0][2]) <= 2
+    # the second re-plan keeps the stalled plan where it was (the margin moves it a few
+    # steps), rather than swinging back up
+    assert abs(smooth[1][2] - lost - stalled[1][2]) <= 10
+    assert abs(stalled[1][2] - stalled[0][2]) < 0.01 * stalled[0][2]
+
+    # a resumed session measures its own windows: none before the resume, and a stall right
+    # after it is passed over as soon as there are enough windows for a re-plan
+    saved = json.loads(json.dumps(planner.plan.to_dict()))
+    resumed = BudgetPlanner(BudgetPlan.from_dict(saved))
+    start = replan_step(saved["steps"], saved["replans"], saved["replanned_at_step"]) + 50
+    resumed.begin(start, 30.0 + 0.24 * start, 0.0)
+    made = drive(resumed, range(start + 1, start + 20), 30.0 + 0.24 * start, 0.24, {start + 2: 60})
+    assert [step for step, _, _ in made[2]] == [start + 3 * WINDOW_STEPS]
+    assert resumed.plan.step_seconds == pytest.approx(0.24)
+
+
+def test_replans_never_raise_the_lr_after_the_warmup():
+    # warmup 10% of the run; the plan grows a little in the warmup, shrinks (a slower pace)
+    # after it, then grows (a faster one); min_lr above 0 so that its end is seen
+    config = load_config(TINY, ["optim.warmup_epochs=0.2", "optim.min_lr=1e-5"])
+    planner = BudgetPlanner()
+    plan = planner.make_plan(1.0, 0.0, 0.1, 0.0, 0.0, agree=int)
+    planner.begin(0, 0.0, 0.0)
+    live = plan_schedules(config, 512, plan)
+    first_warmup, elapsed, step, counts = live.warmup_steps, 0.0, 0, [plan.steps]
+    for pace in (0.1, 0.15, 0.05):  # each up to the next re-plan
+        at = replan_step(plan.steps, plan.replans, plan.replanned_at_step)
+        elapsed, _, made = drive(planner, range(step + 1, at + 1), elapsed, pace)
+        (step, _, total), before = made[0], live.lr.copy()
+        live = relay_schedules(config, live, step, total)  # as the run lays them
+        assert np.array_equal(live.lr[:step], before[:step])  # the steps taken stay
+        counts.append(total)
+    assert counts[2] < counts[1] < counts[3]  # fewer, then more steps
+    assert plan.segments[0] == [0, counts[0]] and len(plan.segments) == 4
+    assert 0 < first_warmup < plan.segments[2][0]  # the later re-plans come after the warmup
+    warmup = live.warmup_steps
+    assert live.lr[warmup] == max(live.lr) and live.total_steps == plan.steps
+    assert np.all(np.diff(live.lr[warmup:]) <= 0)  # never rises after the warmup
+    assert np.all(np.diff(live.momentum) >= 0) and live.momentum[-1] == 1.0
+    assert live.lr[-1] == config.optim.min_lr
+    # a resumed run rebuilds the very same arrays from the plan its checkpoint saved
+    saved = BudgetPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    rebuilt = plan_schedules(config, 512, saved)
+    assert np.array_equal(rebuilt.lr, live.lr) and np.array_equal(rebuilt.momentum, live.momentum)
+    # a plan saved without layouts was laid over its step count alone, and still is
+    legacy = BudgetPlan.from_dict({**plan.to_dict(), "segments": []})
+    assert np.array_equal(
+        plan_schedules(config, 512, legacy).lr, build_schedules(config, 512, plan.steps).lr
+    )
 
 
 def test_schedules_follow_epochs_or_a_planned_step_count():
@@ -158,6 +250,63 @@ def test_a_slow_machine_is_replanned_from_the_measured_pace(tmp_path, monkeypatc
     # at 80% of a warmup+cosine run the lr is at most ~12% of its peak (0 at its end)
     assert lrs[-1] < 0.2 * max(lrs)
     assert plan["run_wall_seconds"] <= 0.2 * 60 * 1.5
+
+
+def test_a_stalled_run_keeps_its_lr_falling_and_resumes_the_same_schedules(
+    tmp_path, monkeypatch, capsys
+):
+    # a synthetic clock: every step takes 8 s, and another process stalls the machine for
+    # 120 s during step 9, before the first re-plan (at step 20); the first plan is ~72 steps
+    step_seconds, stall = 8.0, 120.0
+    monkeypatch.setattr(Trainer, "_measure_step_seconds", lambda self, steps=4: step_seconds)
+    monkeypatch.setattr(
+        Trainer, "elapsed", lambda self: step_seconds * self.step + stall * (self.step >= 9)
+    )
+    overrides = ["train.budget_minutes=10", "optim.warmup_epochs=0.2", "train.log_every=1"]
+    overrides += ["eval.knn_init=false", "train.checkpoint_every_steps=1000", "train.threads=1"]
+    config = load_config(TINY, [*SMALL, *overrides])
+    out = tmp_path / "stalled"
+    trainer = Trainer(config, out)
+    summary = trainer.run()
+    assert capsys.readouterr().err.splitlines()[0].startswith("length: a 10-minute time budget")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    budgets = [r for r in records if r["kind"] == "budget"]
+    assert summary["budget"]["replans"] >= 2 and budgets[1]["step"] == 20
+    # the first re-plan loses what the 120 s would have held, not a share of every step
+    assert budgets[1]["steps"] >= budgets[0]["steps"] - stall * PLAN_MARGIN / step_seconds - 2
+    train = [r for r in records if r["kind"] == "train"]
+    lrs, momenta = [r["lr"] for r in train], [r["momentum"] for r in train]
+    assert len(lrs) == summary["steps"] and budgets[-1]["step"] < len(lrs)
+    peak = lrs.index(max(lrs))
+    assert 0 < peak < 20 and np.all(np.diff(lrs[peak:]) <= 0)  # never rises after it
+    assert np.all(np.diff(momenta) >= 0)
+    # resumed, the run rebuilds the schedules it trained with from its checkpoint's plan
+    resumed = Trainer(config, out, resume="auto")
+    assert np.array_equal(resumed.schedules.lr, trainer.schedules.lr)
+    assert np.array_equal(resumed.schedules.momentum, trainer.schedules.momentum)
+    assert capsys.readouterr().err.splitlines()[0].startswith("length: a 10-minute")
+
+
+def test_the_first_line_says_what_sets_the_length(tmp_path, capsys):
+    budgeted = load_config("configs/demo.yaml", [])
+    assert describe_length(budgeted) == (
+        "length: a 14-minute time budget (train.budget_minutes) sizes the run; train.epochs "
+        "2.5 sets only the warmup's share (0.25 / 2.5 epochs); --epochs without "
+        "--budget-minutes trains exactly that many epochs instead"
+    )
+    overrides = [*SMALL, "optim.warmup_epochs=0.125", "eval.knn_init=false"]
+    overrides += ["eval.knn_final=false"]
+    config = load_config(TINY, [*overrides, "train.epochs=0.25"])  # 2 steps
+    expected = "length: 0.25 epochs (train.epochs), warmup 0.125 epochs; no time budget"
+    assert describe_length(config) == expected
+    out = tmp_path / "epochs"
+    Trainer(config, out).run()
+    assert capsys.readouterr().err.splitlines()[0] == expected
+    # resumed (and lengthened), the line still comes first
+    longer = load_config(TINY, [*overrides, "train.epochs=0.5"])
+    assert Trainer(longer, out, resume="auto").run()["steps"] == 4
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("length: 0.5 epochs") and "resuming from" in "\n".join(err)
 
 
 def test_resume_keeps_the_plan_and_a_new_budget_bounds_the_time(tmp_path):
