@@ -31,6 +31,7 @@ from mocov3.runtime.checkpoint import (
     save_checkpoint,
     write_text_atomic,
 )
+from mocov3.runtime.loggers import flatten
 
 _NUMBERED = re.compile(r"^checkpoint-(\d+)\.pt$")
 _TEMP_GLOBS = (
@@ -57,8 +58,9 @@ _ARCH_KEYS = (
     "pred_layers",
     "out_dim",
 )
-# settings a resumed run may change without a note: where it runs, not what it computes
-_MACHINE_KEYS = ("train.device", "train.threads")
+# settings a resumed run may change without a note: where it runs and what it logs to, not
+# what it computes
+_MACHINE_KEYS = ("train.device", "train.threads", "train.loggers")
 
 
 def numbered_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -208,19 +210,9 @@ def check_restorable(
         )
 
 
-def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_changes(state: dict[str, Any], config: Config) -> list[str]:
     """``"key old -> new"`` for each setting ``config`` changes against the checkpoint's."""
-    saved, now = _flat(state["config"]), _flat(config.to_dict())
+    saved, now = flatten(state["config"]), flatten(config.to_dict())
     return [
         f"{key} {saved.get(key)!r} -> {value!r}"
         for key, value in now.items()
