@@ -86,7 +86,9 @@ def test_save_pretrained_of_a_moco_writes_only_its_backbone(tmp_path):
     weights = load_file(str(out / "model.safetensors"))
     assert weights.keys() == model.backbone.state_dict().keys()
     config = json.loads((out / "config.json").read_text())
-    assert config["architecture"]["num_heads"] == 4 and config["timm_kwargs"]["num_heads"] == 4
+    assert config["mocov3_architecture"]["num_heads"] == 4
+    assert config["model_args"]["num_heads"] == 4  # timm's fields: architecture is its name
+    assert config["architecture"] == "vit_base_patch16_224"
 
 
 def test_load_backbone_of_a_missing_path_is_a_checkpoint_error(tmp_path):

@@ -7,23 +7,31 @@ import argparse
 import json
 import sys
 
-from mocov3.interop.export import FORMATS, export_checkpoint
-from mocov3.interop.pretrained import read_pretrained_config
+from mocov3.cli.common import add_checkpoint_arg
+from mocov3.errors import ConfigError
+from mocov3.interop.export import DEFAULT_LICENSE, FORMATS, export_checkpoint
+from mocov3.interop.hub import push_to_hub
+from mocov3.interop.pretrained import ARCH_KEY, read_pretrained_config
 from mocov3.interop.reference import import_reference
 from mocov3.models.moco import ENCODERS
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    out = export_checkpoint(args.checkpoint, args.out, encoder=args.encoder, fmt=args.format)
+    if (args.private or args.revision) and not args.push_to_hub:
+        raise ConfigError("--private and --revision go with --push-to-hub REPO_ID")
+    out = export_checkpoint(
+        args.checkpoint, args.out, encoder=args.encoder, fmt=args.format, license_id=args.license
+    )
     config = read_pretrained_config(out)
-    shown = {
-        k: config[k] for k in ("architecture", "timm_model_name", "timm_kwargs") if k in config
-    }
-    print(json.dumps({"out": str(out), **shown}))
+    shown = {k: config[k] for k in ("architecture", "model_args", ARCH_KEY) if k in config}
+    print(json.dumps({"out": str(out), **shown}), flush=True)
     if config.get("timm_verified_version", 0) is None:
         print(
             "warning: timm is not installed, so the timm fields were not verified", file=sys.stderr
         )
+    if args.push_to_hub:
+        url = push_to_hub(out, args.push_to_hub, private=args.private, revision=args.revision)
+        print(f"pushed {out} to {url}")
     return 0
 
 
@@ -39,13 +47,50 @@ def register(commands: argparse._SubParsersAction) -> None:
         "export",
         help="write a checkpoint's backbone as model.safetensors + config.json + README.md",
         description="Backbone only (no heads): weights as safetensors, the exact architecture "
-        "(heads included) in config.json, a model card in README.md. --format timm adds "
-        "timm_model_name and timm_kwargs for timm.create_model, checked when timm is installed.",
+        "(heads included) and preprocessing in config.json, a model card in README.md. "
+        "--format timm makes config.json timm's own Hub config, so "
+        "timm.create_model('local-dir:OUT', pretrained=True) loads it (checked when timm is "
+        "installed); --push-to-hub publishes it for timm.create_model('hf-hub:REPO_ID').",
     )
-    export.add_argument("checkpoint", help="a run's checkpoint.pt (or the run directory)")
-    export.add_argument("--out", required=True, help="output directory")
-    export.add_argument("--encoder", choices=ENCODERS, default="query")
-    export.add_argument("--format", choices=FORMATS, default="timm")
+    add_checkpoint_arg(export, "export")
+    export.add_argument("--out", required=True, metavar="DIR", help="export directory to write")
+    export.add_argument(
+        "--encoder",
+        choices=ENCODERS,
+        default="query",
+        help="which backbone: the query encoder or its momentum copy (default: query)",
+    )
+    export.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="timm",
+        help="timm: config.json also loads with timm.create_model; native: mocov3 only, for "
+        "backbones timm cannot build (ViT-BN, ResNet small stem or narrow width) "
+        "(default: timm)",
+    )
+    export.add_argument(
+        "--license",
+        default=DEFAULT_LICENSE,
+        metavar="ID",
+        help="license in the model card's Hub metadata, a Hub license id; set the one the "
+        f"training data allows (default: {DEFAULT_LICENSE})",
+    )
+    export.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="then upload the directory to this Hugging Face model repo (USER/NAME), created "
+        "when missing; needs huggingface_hub and a login (huggingface-cli login or HF_TOKEN) "
+        "(default: no upload)",
+    )
+    export.add_argument(
+        "--private", action="store_true", help="create the Hub repo private (with --push-to-hub)"
+    )
+    export.add_argument(
+        "--revision",
+        metavar="BRANCH",
+        help="Hub branch to upload to, created when missing (with --push-to-hub; default: "
+        "the repo's main branch)",
+    )
     export.set_defaults(handler=cmd_export)
 
     imp = commands.add_parser(

@@ -7,16 +7,21 @@ architecture. Nothing is guessed from a model name, because names lie: the paper
 tensor shape, the weights of one load into the other without an error and compute a
 different function.
 
-For timm, ``config.json`` also carries ``timm_model_name`` and ``timm_kwargs`` such that
-``timm.create_model(name, **kwargs)`` plus ``load_state_dict(strict=True)`` gives the same
-features. A standard name is used only when its defaults equal the architecture exactly;
-otherwise a name whose default width differs, so that the name used *without* the kwargs
-fails loudly with a shape error instead of silently building another head count.
+For timm, ``config.json`` is also timm's own Hub config (the fields ``save_for_hf``
+writes: ``architecture`` the model name, ``model_args``, ``num_classes``, ``num_features``,
+``pretrained_cfg`` with input size and mean/std), so ``timm.create_model('local-dir:DIR',
+pretrained=True)`` or ``'hf-hub:USER/REPO'`` rebuilds the same function with no code of
+ours; our own description sits under ``mocov3_architecture``. A standard name is used only
+when its defaults equal the architecture exactly; otherwise a name whose default width
+differs, so that the name used *without* ``model_args`` fails loudly with a shape error
+instead of silently building another head count.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +38,13 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 FORMAT_NAME = "mocov3-backbone"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: "architecture" was our dict; 2: timm's fields, ours under ARCH_KEY
+ARCH_KEY = "mocov3_architecture"
+EVAL_CROP_PCT = 224 / 256  # the reference's validation Resize(256) + CenterCrop(224)
+PAPER = {
+    "paper_name": "An Empirical Study of Training Self-Supervised Vision Transformers",
+    "paper_ids": "arXiv:2104.02057",
+}
 
 # timm name: (embed_dim, depth, num_heads, patch_size, img_size) of its defaults (mlp ratio 4)
 TIMM_VIT_NAMES: dict[str, tuple[int, int, int, int, int]] = {
@@ -170,7 +181,7 @@ def timm_spec(arch: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                 f"timm's {arch['arch']} has 64 channels in layer1, this one "
                 f"{arch['width']} (model.resnet_width): export with --format native"
             )
-        return arch["arch"], {"in_chans": arch["in_chans"], "num_classes": 0}
+        return arch["arch"], {"in_chans": arch["in_chans"], "num_classes": 0, "global_pool": "avg"}
     if arch.get("mlp_norm", "layernorm") != "layernorm":
         raise ExportError(
             "timm's VisionTransformer has no BatchNorm before the MLP (model.mlp_norm "
@@ -214,26 +225,92 @@ def _check_name_alone(name: str, arch: dict[str, Any]) -> None:
         raise ExportError(f"internal: timm name {name} would imply {heads} heads, not {arch}")
 
 
-def verify_with_timm(backbone: nn.Module, name: str, kwargs: dict[str, Any]) -> str | None:
-    """Build ``name`` in timm, load our weights strictly and compare features on random
-    images. Returns timm's version, or None when timm is not installed (not verified)."""
+def timm_config(
+    arch: dict[str, Any],
+    preprocessing: dict[str, Any] | None = None,
+    license_id: str | None = None,
+) -> dict[str, Any]:
+    """The config.json fields timm's own loader reads (``local-dir:``, ``hf-hub:``), laid
+    out as ``timm.models.save_for_hf`` writes them, so no mocov3 code is needed to load."""
+    name, kwargs = timm_spec(arch)
+    return {
+        "architecture": name,
+        "num_classes": 0,
+        "num_features": arch["feature_dim"],
+        "global_pool": kwargs["global_pool"],
+        "model_args": kwargs,
+        "pretrained_cfg": timm_pretrained_cfg(arch, preprocessing or {}, license_id),
+    }
+
+
+def timm_pretrained_cfg(
+    arch: dict[str, Any], preprocessing: dict[str, Any], license_id: str | None
+) -> dict[str, Any]:
+    """What timm's ``resolve_data_config`` hands ``create_transform``: the input size and
+    the mean/std the backbone was trained with (timm's defaults when they are unknown, as
+    for a bare ``save_pretrained``); only fields timm's ``PretrainedCfg`` accepts."""
+    vit = arch["model_type"] == "vit"
+    size = int(arch["img_size"] if vit else preprocessing.get("image_size") or 224)
+    cfg: dict[str, Any] = {
+        "tag": "mocov3",
+        "custom_load": False,
+        "input_size": [arch["in_chans"], size, size],
+        "fixed_input_size": vit,
+        "interpolation": "bilinear",  # mocov3 resizes bilinear, antialiased
+        "crop_pct": EVAL_CROP_PCT,
+        "crop_mode": "center",
+        "num_classes": 0,
+        "first_conv": "patch_embed.proj" if vit else "conv1",
+        "classifier": "head" if vit else "fc",
+        **PAPER,
+    }
+    if preprocessing.get("mean") and preprocessing.get("std"):
+        cfg["mean"] = [float(v) for v in preprocessing["mean"]]
+        cfg["std"] = [float(v) for v in preprocessing["std"]]
+    if license_id:
+        cfg["license"] = license_id
+    return cfg
+
+
+def verify_with_timm(directory: Path, backbone: nn.Module) -> str | None:
+    """Load ``directory`` the way a timm user does and compare features on random images.
+    Returns timm's version, or None when timm is not installed (not verified)."""
     try:
         import timm
     except ImportError:
         return None
-    theirs = timm.create_model(name, pretrained=False, **kwargs).eval()
+    name = read_pretrained_config(directory)["architecture"]
     try:
-        theirs.load_state_dict(backbone.state_dict(), strict=True)
-    except RuntimeError as error:
-        raise ExportError(
-            f"timm {name} refused the weights: {str(error).splitlines()[0]}"
-        ) from None
+        theirs = _timm_from_directory(timm, directory)
+    except (RuntimeError, ValueError, TypeError, KeyError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ExportError(f"timm {name} cannot load the export: {first[:200]}") from None
     ours_heads = getattr(backbone, "num_heads", None)
     if ours_heads is not None and theirs.blocks[0].attn.num_heads != ours_heads:
         built = theirs.blocks[0].attn.num_heads
         raise ExportError(f"timm {name} built {built} heads where the backbone has {ours_heads}")
     _compare_features(backbone, theirs, name)
     return str(timm.__version__)
+
+
+def _timm_from_directory(timm: Any, directory: Path) -> nn.Module:
+    """``timm.create_model('local-dir:DIR', pretrained=True)``; a timm too old for local
+    directories gets what its Hub loader would do: name + model_args, strict load."""
+    if _reads_local_dirs():
+        return timm.create_model(f"local-dir:{directory}", pretrained=True).eval()
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    model = timm.create_model(config["architecture"], pretrained=False, **config["model_args"])
+    model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=True)
+    return model.eval()
+
+
+def _reads_local_dirs() -> bool:
+    from timm.models import parse_model_name
+
+    try:
+        return parse_model_name("local-dir:x")[0] == "local-dir"
+    except (AssertionError, ValueError):
+        return False
 
 
 def _compare_features(ours: nn.Module, theirs: nn.Module, name: str) -> None:
@@ -260,35 +337,63 @@ def save_pretrained(
     extra: dict[str, Any] | None = None,
     timm_fields: bool = True,
     card: str | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    license_id: str | None = None,
 ) -> Path:
     """Write ``backbone`` as an export directory; returns the directory.
 
-    ``extra`` adds JSON entries to config.json (encoder, preprocessing, training...);
-    ``timm_fields`` adds and, when timm is installed, verifies ``timm_model_name`` and
-    ``timm_kwargs``; ``card`` is the README.md text."""
+    ``extra`` adds JSON entries to config.json (encoder, training...); ``timm_fields``
+    adds timm's own config fields (see :func:`timm_config`) and, when timm is installed,
+    loads the result through ``local-dir:`` to check its features; ``preprocessing``
+    (image_size, mean, std) fills timm's ``pretrained_cfg``; ``card`` is the README.md
+    text. The files are staged in a hidden folder and moved in once checked, so a refused
+    export leaves an earlier one in ``directory`` intact."""
     directory = Path(directory)
     arch = describe_backbone(backbone)
-    config: dict[str, Any] = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "library": "mocov3",
-        "library_version": __version__,
-        "architecture": arch,
-        **(extra or {}),
-    }
-    if timm_fields:
-        name, kwargs = timm_spec(arch)
-        config.update(timm_model_name=name, timm_kwargs=kwargs)
-        config["timm_verified_version"] = verify_with_timm(backbone, name, kwargs)
+    config = timm_config(arch, preprocessing, license_id) if timm_fields else {}
+    config.update(
+        format=FORMAT_NAME,
+        format_version=FORMAT_VERSION,
+        library="mocov3",
+        library_version=__version__,
+    )
+    config[ARCH_KEY] = arch
+    if preprocessing is not None:
+        config["preprocessing"] = preprocessing
+    config.update(extra or {})
     directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".staging-", dir=directory) as tmp:
+        staging = Path(tmp)
+        _write_files(staging, backbone, config, card)
+        if timm_fields:
+            config["timm_verified_version"] = verify_with_timm(staging, backbone)
+            _write_json(staging / CONFIG_NAME, config)
+        for file in staging.iterdir():
+            os.replace(file, directory / file.name)
+    return directory
+
+
+def _write_files(
+    directory: Path, backbone: nn.Module, config: dict[str, Any], card: str | None
+) -> None:
     state = {key: value.detach().cpu().contiguous() for key, value in backbone.state_dict().items()}
     save_file(
         state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "mocov3": FORMAT_NAME}
     )
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    _write_json(directory / CONFIG_NAME, config)
     if card is not None:
         (directory / CARD_NAME).write_text(card)
-    return directory
+
+
+def _write_json(path: Path, values: dict[str, Any]) -> None:
+    path.write_text(json.dumps(values, indent=2) + "\n")
+
+
+def is_export_directory(path: str | Path) -> bool:
+    """A directory with a config.json: what every command that takes ``--checkpoint``
+    reads as an export rather than a run directory."""
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG_NAME).is_file()
 
 
 def read_pretrained_config(directory: str | Path) -> dict[str, Any]:
@@ -307,11 +412,23 @@ def read_pretrained_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
+def architecture_of(config: dict[str, Any]) -> dict[str, Any]:
+    """Our architecture description: under ``mocov3_architecture``, or under
+    ``architecture`` in directories written before format 2 (kept readable so existing
+    exports still load; there ``architecture`` was our dict, not timm's model name)."""
+    arch = config.get(ARCH_KEY)
+    if arch is None and isinstance(config.get("architecture"), dict):
+        arch = config["architecture"]
+    if not isinstance(arch, dict):
+        raise ExportError(f"{CONFIG_NAME} has no {ARCH_KEY}: not written by mocov3 export")
+    return arch
+
+
 def from_pretrained(directory: str | Path) -> nn.Module:
     """The backbone of an export directory, weights loaded strictly, in eval mode."""
     directory = Path(directory)
     config = read_pretrained_config(directory)
-    backbone = build_from_architecture(config["architecture"])
+    backbone = build_from_architecture(architecture_of(config))
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise ExportError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")

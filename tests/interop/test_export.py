@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mocov3.cli import main
-from mocov3.config import load_config
 from mocov3.errors import CheckpointError, ExportError
 from mocov3.interop.pretrained import (
+    ARCH_KEY,
     TIMM_VIT_NAMES,
     describe_backbone,
     from_pretrained,
@@ -24,48 +24,19 @@ from mocov3.interop.pretrained import (
 )
 from mocov3.interop.reference import ReferenceLayoutError, import_reference
 from mocov3.models.checkpoint import open_checkpoint
-from mocov3.models.moco import build_moco
 from mocov3.models.vit import VisionTransformer, sincos_position_table
-from mocov3.runtime.checkpoint import save_checkpoint
 
 # --------------------------------------------------------------------------- helpers
 
 
 def _timm_from_export(directory: Path) -> nn.Module:
-    """What a user of the export does: name + kwargs from config.json, strict load."""
-    config = json.loads((directory / "config.json").read_text())
-    model = timm.create_model(config["timm_model_name"], pretrained=False, **config["timm_kwargs"])
-    model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
-    return model.eval()
+    """What a user of the export does: timm's own loader, nothing of ours."""
+    return timm.create_model(f"local-dir:{directory}", pretrained=True).eval()
 
 
 def _features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(images)
-
-
-def _write_run(tmp_path: Path, overrides: list[str]) -> Path:
-    """A run directory with checkpoint.pt (query != momentum), summary.json, linear.json."""
-    config = load_config("configs/tiny.yaml", overrides)
-    torch.manual_seed(0)
-    model = build_moco(config, 1)
-    with torch.no_grad():
-        for parameter in model.momentum_parameters():
-            parameter.add_(0.01)
-    state = {
-        "model": model.state_dict(),
-        "config": config.to_dict(),
-        "in_chans": 1,
-        "mean": [0.286],
-        "std": [0.353],
-        "epoch": 2.0,
-        "version": "0.1.0",
-    }
-    run = tmp_path / "run"
-    save_checkpoint(state, run / "checkpoint.pt")
-    (run / "summary.json").write_text(json.dumps({"knn_top1": 71.25, "knn_top1_init": 40.0}))
-    (run / "linear.json").write_text(json.dumps({"linear_top1": 77.5}))
-    return run
 
 
 # --------------------------------------------------------------------------- export to timm
@@ -91,7 +62,8 @@ def test_export_loads_into_timm_strictly_with_identical_features(
     images = torch.randn(3, chans, img, img)
     torch.testing.assert_close(_features(theirs, images), _features(ours, images))
     config = json.loads((tmp_path / "config.json").read_text())
-    arch = config["architecture"]
+    assert config["model_args"]["num_heads"] == heads and config["num_features"] == dim
+    arch = config[ARCH_KEY]
     assert (arch["embed_dim"], arch["depth"], arch["num_heads"]) == (dim, depth, heads)
     assert (arch["patch_size"], arch["img_size"], arch["pos_embed"]) == (patch, img, pos_embed)
     assert arch["class_token"] is True and config["timm_verified_version"] == timm.__version__
@@ -137,7 +109,7 @@ def test_export_directory_round_trips_and_refuses_mismatched_weights(tmp_path):
     images = torch.randn(2, 3, 32, 32)
     assert torch.equal(_features(back, images), _features(ours, images))
     config = json.loads((tmp_path / "config.json").read_text())
-    config["architecture"]["depth"] = 3
+    config[ARCH_KEY]["depth"] = 3
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ExportError, match="does not match"):
         from_pretrained(tmp_path)
@@ -146,10 +118,10 @@ def test_export_directory_round_trips_and_refuses_mismatched_weights(tmp_path):
 # --------------------------------------------------------------------------- mocov3 export
 
 
-def test_cli_export_writes_backbone_config_and_card(tmp_path, capsys):
-    run = _write_run(tmp_path, ["model.num_heads=8"])
+def test_cli_export_writes_backbone_config_and_card(write_run, tmp_path, capsys):
+    run = write_run(tmp_path, ["model.num_heads=8"])
     out = tmp_path / "export"
-    assert main(["export", str(run / "checkpoint.pt"), "--out", str(out)]) == 0
+    assert main(["export", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md",
         "config.json",
@@ -162,21 +134,26 @@ def test_cli_export_writes_backbone_config_and_card(tmp_path, capsys):
     expected = _features(loaded.backbone("query"), images)
     torch.testing.assert_close(_features(_timm_from_export(out), images), expected)
     config = json.loads((out / "config.json").read_text())
-    assert config["architecture"]["num_heads"] == 8 and config["encoder"] == "query"
+    assert config[ARCH_KEY]["num_heads"] == 8 and config["encoder"] == "query"
     assert config["preprocessing"]["mean"] == [0.286]
     card = (out / "README.md").read_text()
     assert "71.25" in card and "77.5" in card and "8 attention heads" in card
     assert "fashion-mnist" in card and "epochs_trained: 2.0" in card
-    assert json.loads(capsys.readouterr().out)["timm_kwargs"]["num_heads"] == 8
+    front = card.split("---\n")[1]  # the Hub's metadata: shown there as a timm model
+    assert "library_name: timm" in front and "license: mit" in front
+    assert "- mocov3\n- self-supervised\n- image-feature-extraction" in front
+    assert json.loads(capsys.readouterr().out)["model_args"]["num_heads"] == 8
 
 
-def test_cli_export_momentum_encoder_native_format(tmp_path):
-    run = _write_run(tmp_path, [])
+def test_cli_export_momentum_encoder_native_format(write_run, tmp_path):
+    run = write_run(tmp_path, [])
     out = tmp_path / "momentum"
-    argv = ["export", str(run), "--out", str(out), "--encoder", "momentum", "--format", "native"]
-    assert main(argv) == 0
+    argv = ["export", "--checkpoint", str(run), "--out", str(out), "--encoder", "momentum"]
+    assert main([*argv, "--format", "native"]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert "timm_model_name" not in config and config["encoder"] == "momentum"
+    assert "architecture" not in config and "model_args" not in config
+    assert config["encoder"] == "momentum" and config[ARCH_KEY]["model_type"] == "vit"
+    assert "library_name" not in (out / "README.md").read_text()
     momentum = open_checkpoint(run).model.momentum_backbone.state_dict()
     weights = load_file(str(out / "model.safetensors"))
     assert weights.keys() == momentum.keys()
@@ -184,7 +161,8 @@ def test_cli_export_momentum_encoder_native_format(tmp_path):
 
 
 def test_cli_export_missing_checkpoint_is_one_line_error(tmp_path, capsys):
-    assert main(["export", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")]) == 2
+    argv = ["export", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")]
+    assert main(argv) == 2
     assert "not found" in capsys.readouterr().err
 
 
@@ -302,10 +280,10 @@ def test_imported_vit_small_exports_with_12_heads(tmp_path):
     file, _ = _reference_pretraining("vit_small", tmp_path)
     import_reference(file, tmp_path / "ours.pt")
     out = tmp_path / "export"
-    assert main(["export", str(tmp_path / "ours.pt"), "--out", str(out)]) == 0
+    assert main(["export", "--checkpoint", str(tmp_path / "ours.pt"), "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["timm_model_name"] != "vit_small_patch16_224"
-    assert config["timm_kwargs"]["num_heads"] == 12
+    assert config["architecture"] != "vit_small_patch16_224"
+    assert config["model_args"]["num_heads"] == 12
     assert _timm_from_export(out).blocks[0].attn.num_heads == 12
     assert "reference" in (out / "README.md").read_text()
 
@@ -434,7 +412,7 @@ def test_resnet50_export_loads_into_timm_with_identical_features(tmp_path):
     _randomise_bn(ours)
     save_pretrained(ours, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["timm_model_name"] == "resnet50" and config["architecture"]["feature_dim"] == 2048
+    assert config["architecture"] == "resnet50" and config[ARCH_KEY]["feature_dim"] == 2048
     images = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(
         _features(_timm_from_export(tmp_path), images), _features(ours, images)
@@ -469,7 +447,7 @@ def test_narrow_resnet_exports_natively_with_its_width_and_refuses_timm(tmp_path
     wide = build_resnet("resnet18", in_chans=1).eval()
     save_pretrained(wide, tmp_path / "old", timm_fields=False)
     meta = json.loads((tmp_path / "old" / "config.json").read_text())
-    assert meta["architecture"].pop("width") == 64
+    assert meta[ARCH_KEY].pop("width") == 64
     (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
     assert torch.equal(
         _features(from_pretrained(tmp_path / "old"), images), _features(wide, images)
