@@ -14,11 +14,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-data:
-	@bash scripts/ensure-fashion-mnist.sh
+data: install
+	@PYTHON=$(PY) bash scripts/ensure-fashion-mnist.sh
 
 demo: install data
-	$(PY) -m mocov3 pretrain --config configs/demo.yaml --out $(OUT) --overwrite
+	$(PY) -m mocov3 pretrain --config demo --out $(OUT) --overwrite
 	@echo "plots: $(OUT)/loss.png $(OUT)/lr.png $(OUT)/momentum.png $(OUT)/knn.png $(OUT)/stability.png $(OUT)/grad_norms.png; summary: $(OUT)/summary.json"
 
 test: install data lint

@@ -33,9 +33,10 @@ def build_model(
 ) -> MoCo:
     """A freshly initialised MoCo v3 model (backbone, heads, momentum copy).
 
-    ``config``: a :class:`Config`, a YAML preset path, a dict as saved in checkpoints, or
-    None for the paper's ViT-S defaults. ``in_chans`` defaults to ``data.channels``, else
-    the dataset's own (1 for Fashion-MNIST and synthetic data, 3 for folders)."""
+    ``config``: a :class:`Config`, a packaged preset's name or a YAML path, a dict as
+    saved in checkpoints, or None for the paper's ViT-S defaults. ``in_chans`` defaults to
+    ``data.channels``, else the dataset's own (1 for Fashion-MNIST and synthetic data, 3
+    for folders)."""
     if config is None or isinstance(config, (str, Path)):
         config = load_config(None if config is None else str(config), [])
     elif isinstance(config, dict):

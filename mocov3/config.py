@@ -1,7 +1,7 @@
 """Typed configuration: nested dataclasses, YAML presets and ``key=value`` overrides.
 
 Every default is the paper's ViT recipe (Chen, Xie, He, ICCV 2021, Sec. 4 and the
-reference code's ViT-S/B settings); presets in ``configs/`` override what they must and
+reference code's ViT-S/B settings); presets (:mod:`mocov3.presets`) override what they must and
 say why. Unknown keys and bad values raise :class:`ConfigError` with one line naming the
 key and the fix, before any compute starts.
 """
@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from mocov3 import presets
 from mocov3.errors import ConfigError
 
 
@@ -60,7 +61,10 @@ class DataConfig:
     synthetic."""
 
     name: str = "fashion-mnist"
-    data_dir: str | None = None  # where the fashion-mnist idx files live (default: Debian path)
+    # fashion-mnist: the folder of the idx files (None: $FASHION_MNIST_DIR, the Debian
+    # package's folder, the download cache); download: fetch them there with torchvision
+    data_dir: str | None = None
+    download: bool = False
     image_size: int = 224  # model input size; images are stored at this size as uint8
     channels: int | None = None  # None: take the dataset's own (1 for Fashion-MNIST, 3 for RGB)
     subset: int | None = None  # use the first N training images (tests, quick tries)
@@ -151,6 +155,7 @@ class TrainConfig:
     # size the run to wall-clock minutes, evaluation included (train/budget.py): the step
     # count is measured, train.epochs then only sets the warmup's share (warmup_epochs/epochs)
     budget_minutes: float | None = None
+    loggers: tuple[str, ...] = ("tensorboard",)  # mirrors of metrics.jsonl: see LOGGERS
 
 
 @dataclass
@@ -336,9 +341,7 @@ def load_config(
     """Build a :class:`Config` from a YAML preset and ``key=value`` overrides, then validate."""
     config = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found (presets live in configs/)")
+        path = presets.resolve(path)
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
@@ -392,6 +395,7 @@ RESNET_SIZES: dict[str, tuple[int, int]] = {
     "resnet50": (2048, 16),
     "resnet101": (2048, 33),
 }
+LOGGERS = ("tensorboard", "wandb", "mlflow")  # train.loggers' trackers (runtime/loggers.py)
 
 
 def is_resnet_arch(arch: str) -> bool:
@@ -581,6 +585,10 @@ def validate(config: Config) -> None:
     _require(
         t.budget_minutes is None or t.budget_minutes > 0,
         f"train.budget_minutes {t.budget_minutes} must be positive (or null: no budget)",
+    )
+    _require(  # their packages are checked when a run starts: reading a config needs none
+        len(set(t.loggers)) == len(t.loggers) and set(t.loggers) <= set(LOGGERS),
+        f"train.loggers {_short(list(t.loggers))} may name each of {', '.join(LOGGERS)} once",
     )
     _require(len(e.knn_k) >= 1 and all(k >= 1 for k in e.knn_k), "eval.knn_k must be positive")
     _require(e.knn_temperature > 0, "eval.knn_temperature must be positive")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mocov3 import presets
 from mocov3.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,9 +67,15 @@ def test_every_command_shown_parses(args: list[str]):
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            build_parser().parse_args(args)
+            parsed = build_parser().parse_args(args)
     except SystemExit as stop:
         assert stop.code == 0, stderr.getvalue().strip().splitlines()[-1]
+        return
+    # a preset or recipe shown by name (or by its path in a clone) is one that ships
+    for flag, kind in (("config", "config"), ("recipe", "recipe")):
+        value = getattr(parsed, flag, None)
+        if value and value.isidentifier() or (value or "").startswith("configs/"):
+            presets.resolve(ROOT / value if "/" in value else value, kind)
 
 
 @pytest.mark.parametrize("path", ALL_DOCS, ids=lambda p: str(p.relative_to(ROOT)))

@@ -20,6 +20,7 @@ LAYERS = {
     "mocov3": 0,  # the package itself: __version__ (and the lazy public API, below)
     "mocov3.errors": 0,
     "mocov3.config": 0,
+    "mocov3.presets": 0,
     "mocov3.runtime": 1,
     "mocov3.optim": 1,
     "mocov3.data": 2,
@@ -32,7 +33,12 @@ LAYERS = {
     "mocov3.cli": 5,
     "mocov3.__main__": 6,
 }
-SIDEWAYS = {("mocov3.train", "mocov3.eval"), ("mocov3.config", "mocov3.errors")}
+SIDEWAYS = {
+    ("mocov3.train", "mocov3.eval"),
+    ("mocov3.config", "mocov3.errors"),
+    ("mocov3.config", "mocov3.presets"),
+    ("mocov3.presets", "mocov3.errors"),
+}
 # ``import mocov3`` stays light: the public API is imported on first attribute access
 LAZY = {("mocov3", "mocov3.api")}
 

@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from mocov3 import __version__
 from mocov3.cli import (
     bench,
     embed,
@@ -18,21 +19,26 @@ from mocov3.cli import (
     finetune,
     knn,
     linear,
+    presets,
     pretrain,
     report,
     shards,
     study,
 )
+from mocov3.cli.common import Parser
 from mocov3.errors import USER_ERRORS
 
-COMMANDS = (pretrain, knn, linear, finetune, embed, report, bench, export, study, shards)
+COMMANDS = (
+    pretrain, knn, linear, finetune, embed, report, bench, export, study, shards, presets
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mocov3", description="MoCo v3 self-supervised pretraining and evaluation"
+    parser = Parser(prog="mocov3", description="MoCo v3 self-supervised pretraining and evaluation")
+    parser.add_argument("--version", action="version", version=f"mocov3 {__version__}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=Parser, metavar="COMMAND"
     )
-    commands = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(commands)
     return parser

@@ -171,7 +171,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--data",
         metavar="SOURCE",
         help="also time the streamed input pipeline on this dataset (folder:PATH, "
-        "wds:PATTERN, hf:PATH) and say whether it or the step bounds training",
+        "wds:PATTERN, hf:PATH) and say whether it or the step bounds training (default: "
+        "the step alone, on random images)",
     )
     parser.add_argument(
         "--input-workers",

@@ -13,12 +13,66 @@ from typing import Any
 from mocov3.runtime.distributed import launched_info
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default after its help, ``(default: X)``, unless the help
+    already says it or there is none to show (None, off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS, [])
+        if shown and "default" not in text and (action.option_strings or action.nargs):
+            default = action.default
+            if isinstance(default, (list, tuple)):
+                default = " ".join(map(str, default))
+            text += f" (default: {default})"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of ``mocov3`` and each of its commands: defaults shown in ``--help``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def add_checkpoint_arg(parser: argparse.ArgumentParser, what: str = "probe") -> None:
+    """``--checkpoint PATH``: how every command names the model or run it works on."""
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help=f"what to {what}: a checkpoint file, a run directory (its newest checkpoint) "
+        "or an export directory",
+    )
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        help="auto | cpu | cuda | cuda:N (default: the config's train.device, auto: a GPU "
+        "when there is one)",
+    )
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """``--data`` and ``--data-dir``, shared by every command that reads a dataset."""
     parser.add_argument(
-        "--data", help="fashion-mnist | folder:PATH | wds:PATTERN | hf:PATH | synthetic"
+        "--data",
+        metavar="SOURCE",
+        help="fashion-mnist | folder:PATH | wds:PATTERN | hf:PATH | synthetic (default: the "
+        "config's data.name)",
     )
-    parser.add_argument("--data-dir", help="folder holding the Fashion-MNIST idx files")
+    add_data_dir_arg(parser)
+
+
+def add_data_dir_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="folder holding the Fashion-MNIST idx files (default: $FASHION_MNIST_DIR, then "
+        "the Debian package's folder, then the download cache)",
+    )
 
 
 def data_overrides(args: argparse.Namespace) -> list[str]:
@@ -33,7 +87,14 @@ def data_overrides(args: argparse.Namespace) -> list[str]:
 
 def add_set_arg(parser: argparse.ArgumentParser, help: str | None = None) -> None:
     """``--set KEY=VALUE``, repeatable: any config key, applied after the preset."""
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=help
+        or "override any config key, read as YAML, e.g. --set eval.batch_size=256; repeatable",
+    )
 
 
 def resume_command(argv: Sequence[str]) -> str:

@@ -169,8 +169,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "finetune",
         help="fine-tune the whole network (or, --from-scratch, train it from random init)",
         description="End-to-end fine-tuning: AdamW, layer-wise lr decay, drop path, label "
-        "smoothing, RandomResizedCrop + flip by default; --recipe configs/eval/"
-        "finetune_deit_vit_{small,base}.yaml is the paper's DeiT recipe (Mixup/CutMix, "
+        "smoothing, RandomResizedCrop + flip by default; --recipe "
+        "finetune_deit_vit_{small,base} is the paper's DeiT recipe (Mixup/CutMix, "
         "RandAugment, random erasing). Runs under torchrun; SIGTERM/Ctrl-C checkpoint, "
         "--resume auto continues. Prints one JSON line (finetune_top1/top5 or scratch_top1/"
         "top5) and writes finetune.json / scratch.json beside the checkpoint.",
@@ -182,7 +182,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         "its architecture and data only",
     )
     p.add_argument(
-        "--recipe", help="a protocol file, e.g. configs/eval/finetune_deit_vit_base.yaml"
+        "--recipe",
+        metavar="RECIPE",
+        help="a packaged protocol (finetune_deit_vit_small, finetune_deit_vit_base: the "
+        "paper's) or a YAML file; flags given override it (default: the small-data recipe)",
     )
     p.add_argument(
         "--from-scratch",
@@ -203,7 +206,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--resume",
         metavar="auto|PATH",
         help="continue a stopped run: auto takes finetune.ckpt.pt (scratch.ckpt.pt) beside "
-        "the checkpoint when it is there",
+        "the checkpoint when it is there (default: a new run)",
     )
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default train.device)")
     add_data_args(p)

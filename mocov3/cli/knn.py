@@ -8,8 +8,9 @@ import json
 
 from torch import nn
 
-from mocov3.cli.common import add_data_args, add_set_arg, data_overrides
+from mocov3.cli.common import add_data_args, add_device_arg, add_set_arg, data_overrides
 from mocov3.config import load_config
+from mocov3.errors import ConfigError
 from mocov3.eval.knn import evaluate_knn
 from mocov3.eval.splits import labelled_splits
 from mocov3.models.checkpoint import open_checkpoint
@@ -25,6 +26,8 @@ def cmd_knn(args: argparse.Namespace) -> int:
     if args.temperature:
         overrides.append(f"eval.knn_temperature={args.temperature}")
     if args.raw_pixels:
+        if not args.config:
+            raise ConfigError("--raw-pixels needs --config PRESET for its data (e.g. demo)")
         config = load_config(args.config, overrides)
         backbone: nn.Module = nn.Flatten()
         normalisation, channels = None, config.data.channels
@@ -59,19 +62,40 @@ def cmd_knn(args: argparse.Namespace) -> int:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    knn = commands.add_parser("knn", help="weighted kNN top-1 of a checkpoint's backbone")
+    knn = commands.add_parser(
+        "knn",
+        help="weighted kNN top-1 of a checkpoint's backbone",
+        description="Weighted kNN (Wu et al. 2018) on L2-normalised features: the train "
+        "split is the memory bank, the test split the queries; top-1 for each k.",
+    )
     source = knn.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a run's checkpoint.pt (or the run directory)")
+    source.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="what to evaluate (required unless --raw-pixels): a checkpoint file, a run "
+        "directory (its newest checkpoint) or an export directory",
+    )
     source.add_argument(
         "--raw-pixels",
         action="store_true",
-        help="baseline: kNN on raw pixels instead of learned features",
+        help="baseline: kNN on raw pixels instead of learned features (needs --config)",
     )
-    knn.add_argument("--config", help="preset for --raw-pixels (data settings)")
-    knn.add_argument("--encoder", choices=ENCODERS, default="query")
-    knn.add_argument("--k", type=int, nargs="+", help="neighbour counts (default eval.knn_k)")
-    knn.add_argument("--temperature", type=float, help="vote temperature (default 0.07)")
-    knn.add_argument("--device")
+    knn.add_argument(
+        "--config",
+        metavar="PRESET",
+        help="the preset whose data settings --raw-pixels uses, e.g. demo (required with "
+        "--raw-pixels; otherwise the checkpoint's config is used)",
+    )
+    knn.add_argument(
+        "--encoder", choices=ENCODERS, default="query", help="which encoder's backbone"
+    )
+    knn.add_argument(
+        "--k", type=int, nargs="+", help="neighbour counts (default: eval.knn_k, 20 and 200)"
+    )
+    knn.add_argument(
+        "--temperature", type=float, help="vote temperature (default: eval.knn_temperature, 0.07)"
+    )
+    add_device_arg(knn)
     add_data_args(knn)
     add_set_arg(knn)
     knn.set_defaults(handler=cmd_knn)

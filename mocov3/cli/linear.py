@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from mocov3 import presets
 from mocov3.cli.common import add_data_args, add_set_arg, data_overrides, report_preempted
 from mocov3.errors import ConfigError
 from mocov3.eval import linear
@@ -54,8 +55,9 @@ def _recipe_protocol(path: str) -> str | None:
     """The ``protocol`` a recipe names (None when it names none or cannot be read: the
     full read, :func:`read_recipe`, then says why in one line)."""
     try:
-        values = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        file = presets.resolve(Path(path).expanduser(), "recipe")
+        values = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError):
         return None
     protocol = values.get("protocol") if isinstance(values, dict) else None
     return str(protocol) if protocol is not None else None
@@ -196,9 +198,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--recipe",
-        metavar="YAML",
-        help="a protocol's settings from a file, e.g. configs/eval/linear_reference.yaml; "
-        "flags given override it",
+        metavar="RECIPE",
+        help="a protocol's settings: a packaged recipe (linear_fast, linear_reference) or a "
+        "YAML file; flags given override it (default: the --protocol's built-in settings)",
     )
     add_data_args(parser)
     parser.add_argument("--encoder", choices=ENCODERS, help="query (default) or momentum")
@@ -271,12 +273,13 @@ def _add_reference_flags(parser: argparse.ArgumentParser) -> None:
         "--eval-every",
         type=int,
         metavar="N",
-        help="reference: also report test top-1 after every N-th epoch",
+        help="reference: also report test top-1 after every N-th epoch (default: after the "
+        "last only)",
     )
     parser.add_argument("--seed", type=int, help="reference: default the run's train.seed")
     parser.add_argument(
         "--resume",
         metavar="auto|PATH",
         help="reference: continue a stopped probe: 'auto' from the probe checkpoint beside "
-        "the probed one (none: start afresh), or from PATH",
+        "the probed one (none: start afresh), or from PATH (default: a new probe)",
     )

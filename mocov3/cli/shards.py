@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from mocov3.cli.common import add_data_dir_arg
 from mocov3.data.shards import write_shards
+from mocov3.errors import require_package
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
+    require_package("webdataset", "shards", "mocov3 shards (webdataset's ShardWriter)")
     summary = write_shards(
         args.source,
         args.out,
@@ -37,7 +40,6 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Copy every image of SOURCE (folder:PATH, wds:PATTERN, hf:PATH as they are "
         "encoded; fashion-mnist and synthetic as PNG) with its class into tar shards, in the "
         "source's order, so that training on the shards equals training on the source.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("source", metavar="SOURCE", help="the dataset to convert")
     parser.add_argument("--out", required=True, help="output folder for the shards")
@@ -45,9 +47,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-megabytes", type=float, default=1000.0, help="megabytes per shard at most"
     )
-    parser.add_argument("--subset", type=int, help="convert only the first N images per split")
-    parser.add_argument("--data-dir", help="folder holding the Fashion-MNIST idx files")
     parser.add_argument(
-        "--image-size", type=int, help="fashion-mnist / synthetic only: resize to this side"
+        "--subset", type=int, help="convert only the first N images per split (default: all)"
+    )
+    add_data_dir_arg(parser)
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="fashion-mnist / synthetic only: resize to this side (default: the images' own)",
     )
     parser.set_defaults(handler=cmd_shards)

@@ -10,11 +10,13 @@ import sys
 from pathlib import Path
 
 from mocov3.cli.common import add_set_arg
-from mocov3.errors import ConfigError
-from mocov3.tools.study import load_study, run_study, write_report
+from mocov3.errors import ConfigError, require_package
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    require_package("matplotlib", "plots", "mocov3 study (its report's plots)")
+    from mocov3.tools.study import load_study, run_study, write_report
+
     study = load_study(args.file, args.set)
     out_dir = Path(args.out)
     shard = _parse_shard(args.shard)
@@ -74,6 +76,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--shard",
         metavar="I/N",
         help="run only runs I, I+N, I+2N, ... (0-based), to share a study between N "
-        "processes or machines on one --out; then one call with --report writes the report",
+        "processes or machines on one --out; then one call with --report writes the report "
+        "(default: every run)",
     )
     parser.set_defaults(handler=cmd_study)

@@ -103,7 +103,10 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 # --------------------------------------------------------------------------- Fashion-MNIST
 
+# where the files are looked for, in order, when neither data.data_dir nor --data-dir names a
+# folder: $FASHION_MNIST_DIR, the Debian package's folder, the download cache
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_ENV = "FASHION_MNIST_DIR"
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
     "Trouser",
@@ -121,29 +124,76 @@ FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
 
 
-def _find_idx(data_dir: Path, stem: str) -> Path:
-    """Locate ``stem.gz`` or ``stem`` in data_dir (or torchvision's FashionMNIST/raw/)."""
-    for folder in (data_dir, data_dir / "FashionMNIST" / "raw"):
+def fashion_mnist_cache() -> Path:
+    """Where ``data.download`` puts the files: ``$XDG_CACHE_HOME/mocov3/fashion-mnist``."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "mocov3" / "fashion-mnist"
+
+
+def fashion_mnist_folders(data_dir: str | None) -> list[Path]:
+    """The folders searched for the idx files: ``data_dir`` alone when given, else
+    ``$FASHION_MNIST_DIR``, the Debian package's folder and the download cache."""
+    if data_dir:
+        return [Path(data_dir).expanduser()]
+    named = os.environ.get(FASHION_MNIST_ENV)
+    folders = [Path(named).expanduser()] if named else []
+    return [*folders, Path(FASHION_MNIST_DIR), fashion_mnist_cache()]
+
+
+def _idx_in(folder: Path, stem: str) -> Path | None:
+    """``stem.gz`` or ``stem`` in ``folder`` or in torchvision's ``FashionMNIST/raw/``."""
+    for where in (folder, folder / "FashionMNIST" / "raw"):
         for name in (f"{stem}.gz", stem):
-            if (folder / name).is_file():
-                return folder / name
+            if (where / name).is_file():
+                return where / name
+    return None
+
+
+def download_fashion_mnist(folder: Path) -> None:
+    """torchvision's Fashion-MNIST download into ``folder`` (needs the network): the
+    fallback where the Debian package is not available."""
+    from torchvision.datasets import FashionMNIST
+
+    try:
+        for train in (True, False):
+            FashionMNIST(str(folder), train=train, download=True)
+    except (OSError, RuntimeError) as error:
+        raise DatasetError(
+            f"downloading Fashion-MNIST into {folder} failed ({error}); install it with "
+            "`sudo apt-get install dataset-fashion-mnist` or pass --data-dir DIR"
+        ) from None
+
+
+def _find_idx(folders: list[Path], stem: str, download: bool) -> Path:
+    for folder in folders:
+        if (found := _idx_in(folder, stem)) is not None:
+            return found
+    if download:
+        download_fashion_mnist(folders[-1])
+        if (found := _idx_in(folders[-1], stem)) is not None:
+            return found
     raise DatasetError(
-        f"Fashion-MNIST not found in {data_dir} (no {stem}[.gz]): install it with "
-        "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu) or pass --data-dir DIR "
-        "holding the four idx files"
+        f"Fashion-MNIST not found (no {stem}[.gz] in {', '.join(map(str, folders))}): "
+        "install it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), pass "
+        f"--data-dir DIR or set {FASHION_MNIST_ENV} to a folder holding the four idx files, "
+        "or download it with torchvision (network): --set data.download=true"
     )
 
 
-def load_fashion_mnist(split: str, data_dir: str | None = None) -> ImageDataset:
-    """Fashion-MNIST 'train' (60k) or 'test' (10k) as uint8 ``[N, 1, 28, 28]`` images.
+def load_fashion_mnist(
+    split: str, data_dir: str | None = None, download: bool = False
+) -> ImageDataset:
+    """Fashion-MNIST 'train' (60k) or 'test' (10k) as uint8 ``[N, 1, 28, 28]`` images,
+    from the first of :func:`fashion_mnist_folders` holding them; ``download``: fetch them
+    with torchvision into the cache when none does.
 
     Both splits carry the train statistics, the values a model is normalised with.
     """
     split = check_split(split)
-    folder = Path(data_dir or FASHION_MNIST_DIR).expanduser()
+    folders = fashion_mnist_folders(data_dir)
     prefix = "train" if split == "train" else "t10k"
-    image_path = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
-    label_path = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
+    image_path = _find_idx(folders, f"{prefix}-images-idx3-ubyte", download)
+    label_path = _find_idx(folders, f"{prefix}-labels-idx1-ubyte", download)
     images, labels = read_idx(image_path), read_idx(label_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DatasetError(
@@ -364,6 +414,7 @@ def load_split(
     seed: int = 0,
     strict: bool = False,
     subset: int | None = None,
+    download: bool = False,
 ) -> ImageDataset:
     """Load one split of the dataset named by ``spec`` into memory: fashion-mnist |
     folder:PATH | wds:PATTERN | hf:PATH | synthetic.
@@ -384,7 +435,7 @@ def load_split(
     name = spec.strip()
     kind = name.lower()
     if kind == "fashion-mnist":
-        ds = load_fashion_mnist(split, data_dir)
+        ds = load_fashion_mnist(split, data_dir, download)
         return _adapt_fashion(ds if subset is None else ds.subset(subset), image_size, channels)
     if (path := folder_root(name)) is not None:
         # decode only the first ``subset`` readable files, not the whole folder

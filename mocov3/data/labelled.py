@@ -432,7 +432,7 @@ def open_split(
     memory = load_split(
         d.name, split, data_dir=d.data_dir, image_size=d.image_size, channels=channels,
         synthetic_size=d.synthetic_size, seed=config.train.seed, strict=d.strict,
-        subset=subset,
+        subset=subset, download=d.download,
     )  # fmt: skip
     size = int(memory.images.shape[-1])
     return EvalSplit(

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from mocov3.data.braces import expand_braces
 from mocov3.data.decode import try_decode, unreadable_reason
 from mocov3.data.folders import (
     check_split,
@@ -214,12 +215,7 @@ def expand_shards(pattern: str) -> list[str]:
     path = os.path.expanduser(text)
     if os.path.isdir(path):
         return _directory_shards(path)
-    from braceexpand import braceexpand  # installed with webdataset
-
-    try:
-        names = list(braceexpand(path))
-    except Exception as e:  # malformed braces: braceexpand's own exception types vary
-        raise DatasetError(f"cannot expand wds pattern {text!r}: {one_line(e)}") from e
+    names = expand_braces(path)
     found: list[str] = []
     missing: list[str] = []
     for name in names:

@@ -18,7 +18,6 @@ which is lossless.
 from __future__ import annotations
 
 import io
-import logging
 import os
 import time
 from collections.abc import Iterator
@@ -34,8 +33,7 @@ from mocov3.data.images import ImageDataset
 from mocov3.data.records import CLASS_NAMES_FILE, ImageRecords, has_test_split, open_records
 from mocov3.data.tar_index import IMAGE_EXTENSIONS, write_sidecar
 from mocov3.errors import DatasetError, one_line
-
-logger = logging.getLogger(__name__)
+from mocov3.runtime.progress import Progress
 
 IN_MEMORY = ("fashion-mnist", "synthetic")
 PREFIXES = {"train": "train", "test": "val"}  # split -> shard file prefix
@@ -178,12 +176,13 @@ def _write_split(
     writer = webdataset.ShardWriter(
         pattern, maxcount=max_count, maxsize=max_bytes, verbose=0, mtime=stamp
     )
-    with writer:
+    with writer, Progress(f"shards {prefix}", len(records)) as progress:
         for i, data in _read_all(records):
             sample = {"__key__": f"{i:08d}", _extension(records.name(i), data): data}
             if labels is not None:
                 sample["cls"] = str(labels[i]).encode("ascii")
             writer.write(sample)
+            progress.update(1)
     for shard in sorted(out.glob(f"{prefix}-*.tar")):
         write_sidecar(str(shard))  # readers then never scan these shards
     return _split_summary(out, prefix, len(records))
@@ -195,8 +194,6 @@ def _read_all(records: ImageRecords) -> Iterator[tuple[int, bytes]]:
         for start in range(0, len(records), _CHUNK):
             indices = range(start, min(start + _CHUNK, len(records)))
             yield from zip(indices, pool.map(lambda i: _read(records, i), indices), strict=True)
-            if (start // _CHUNK) % 40 == 39:
-                logger.info("%s: %d of %d samples written", records.source, start, len(records))
 
 
 def _read(records: ImageRecords, i: int) -> bytes:

@@ -53,6 +53,7 @@ def load_data(config: Config, with_test: bool = True) -> tuple[ImageDataset, Ima
     d = config.data
     common = dict(
         data_dir=d.data_dir,
+        download=d.download,
         image_size=d.image_size,
         synthetic_size=d.synthetic_size,
         seed=config.train.seed,

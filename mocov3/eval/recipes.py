@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from mocov3 import presets
 from mocov3.errors import ConfigError
 
 RECIPE_KEYS = ("command", "protocol", "settings")
@@ -30,9 +31,7 @@ RECIPE_KEYS = ("command", "protocol", "settings")
 def read_recipe(path: str | Path, command: str, settings_type: type) -> dict[str, Any]:
     """The recipe at ``path`` for ``command``: ``{"protocol": ..., **settings}``, every
     settings key a field of ``settings_type``; ConfigError in one line otherwise."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"recipe {path} not found (the protocols ship in configs/eval/)")
+    path = presets.resolve(Path(path).expanduser(), "recipe")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:

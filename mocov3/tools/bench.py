@@ -53,7 +53,7 @@ from mocov3.tools.measure import (
     synchronize,
 )
 
-DEFAULT_CONFIG = "configs/bench_cpu.yaml"
+DEFAULT_CONFIG = "bench_cpu"  # a packaged preset (mocov3.presets)
 # Normalisation constants for the random images; they change values, not speed.
 MEAN, STD = 0.5, 0.25
 # The FLOP count runs one real step; a small batch keeps it cheap. Per-image FLOPs are

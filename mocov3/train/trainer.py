@@ -40,10 +40,17 @@ from mocov3.runtime.distributed import (
     mean_value,
     process_group,
 )
+from mocov3.runtime.loggers import check_loggers
 from mocov3.runtime.logging import MetricsLog, NullLog, Progress
 from mocov3.runtime.performance import apply_memory_format, compile_backbones, to_memory_format
 from mocov3.runtime.signals import StopSignals
-from mocov3.train.budget import BudgetPlanner, build_schedules, saved_plan
+from mocov3.train.budget import (
+    BudgetPlanner,
+    build_schedules,
+    describe_length,
+    plan_schedules,
+    saved_plan,
+)
 from mocov3.train.monitor import KnnMonitor, Log, StabilityWatch
 from mocov3.train.run_dir import RunDirectory, check_restorable
 from mocov3.train.stability import InstabilityDetector
@@ -78,12 +85,19 @@ class Trainer:
         self.config, t = config, config.train
         self.process = process or ProcessInfo()
         self.is_main = self.process.is_main
+        # the run's first line says what sets its length: a new run's once its directory and
+        # data are found (a run that cannot start prints its one-line error alone), a resumed
+        # run's before its checkpoint is looked for (which may print notes)
+        self.progress = Progress(1, t.log_every, quiet=not self.is_main)
         self.run_dir = RunDirectory(out_dir, self.is_main)
         self.out_dir = self.run_dir.path
         self.resume_command, self.plot = resume_command, plot
         # every process checks (they all fail alike); only the main process changes files
         per_process_batch(t.batch_size, self.process.world_size)
+        check_loggers(t.loggers)  # a missing tracker package fails before any data is read
         self.run_dir.prepare(resume, overwrite)
+        if resume is not None:
+            self.progress.message(describe_length(config))
         found = self.run_dir.find_resume(resume, config)  # before the data: fail fast
         state, self.resume_from = found or (None, None)
         runtime = start_runtime(t, self.process)
@@ -91,6 +105,8 @@ class Trainer:
         t.precision = runtime.precision  # resolved once: config.yaml says what the run used
         evaluates = config.eval.knn_init or config.eval.knn_final
         self.data = load_training_data(config, with_test=evaluates)
+        if resume is None:
+            self.progress.message(describe_length(config))
         if evaluates and self.data.test_set is None:
             note = "note: no labelled val/ or test/ split, so kNN evaluation is skipped"
             print(note, file=sys.stderr)
@@ -103,8 +119,7 @@ class Trainer:
         if plan is not None:
             plan.minutes = float(t.budget_minutes or 0)
         self.budget = BudgetPlanner(plan)
-        steps = plan.steps if plan else None
-        self.schedules = build_schedules(config, self.data.num_images, steps)
+        self.schedules = plan_schedules(config, self.data.num_images, plan)
         self.model: MoCo = build_moco(config, self.data.channels).to(self.device)
         apply_memory_format(self.model, t)
         compile_backbones(self.model, t)
@@ -218,8 +233,14 @@ class Trainer:
         if self.is_main:
             self.run_dir.write_config(self.config)
             self.run_dir.start_metrics(self.step if resumed else None)
-            # TensorBoard drops events a killed session logged after the checkpoint
-            log = MetricsLog(self.out_dir, purge_step=self.step + 1 if resumed else None)
+            # a resumed run continues its trackers' runs (TensorBoard drops the events a
+            # killed session logged after the checkpoint)
+            log = MetricsLog(
+                self.out_dir,
+                self.config.train.loggers,
+                self.step if resumed else None,
+                self.config.to_dict(),
+            )
         every = self.config.train.log_every
         self.progress = Progress(self.schedules.total_steps, every, quiet=not self.is_main)
         self.watch.progress = self.progress
@@ -229,8 +250,8 @@ class Trainer:
         with self.stop:
             try:
                 summary.update(self._run(log))
-            finally:
-                log.close()
+            finally:  # the trackers mark a stopped run killed, an exception failed
+                log.close("killed" if summary.get("preempted") else None)
             if summary.get("preempted") or not self.is_main:
                 return summary
             if self.plot is not None:
@@ -412,12 +433,15 @@ class Trainer:
             per_image * monitor_images,
             lambda steps: mean_count(steps, self.device),
         )
-        self._lay_schedules(plan.steps)
+        self._lay_schedules()
         self.progress.message(self.budget.describe_plan(self.schedules.steps_per_epoch))
         log.log("budget", 0, **plan.to_dict())
 
-    def _lay_schedules(self, steps: int) -> None:
-        self.schedules = build_schedules(self.config, self.data.num_images, steps)
+    def _lay_schedules(self) -> None:
+        """The schedules of the budget's plan (:func:`plan_schedules`), and the batches and
+        progress line to its step count."""
+        self.schedules = plan_schedules(self.config, self.data.num_images, self.budget.plan)
+        steps = self.schedules.total_steps
         self.close()
         self.batches = self._batch_source(self.step, steps)
         self.progress.total = steps
@@ -432,7 +456,7 @@ class Trainer:
         if replanned is None or (plan := self.budget.plan) is None:
             return
         if plan.steps != self.schedules.total_steps:
-            self._lay_schedules(plan.steps)
+            self._lay_schedules()
         spe = self.schedules.steps_per_epoch
         self.progress.message(self.budget.describe_replan(replanned, spe))
         log.log("budget", self.step, **plan.to_dict())

@@ -38,10 +38,16 @@ def image_folder(tmp_path):
     return root
 
 
+def _embed_folder(capsys, checkpoint: str, folder, out) -> dict:
+    """Every image file under ``folder``: ``--data folder:DIR --split all``."""
+    flags = ["--data", f"folder:{folder}", "--split", "all", "--out", str(out)]
+    return _embed(capsys, "--checkpoint", checkpoint, *flags)
+
+
 def test_embed_folder_rows_names_and_determinism(tiny_run, image_folder, tmp_path, capsys):
     ckpt = str(tiny_run / "checkpoint.pt")
     out1, out2 = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    result = _embed(capsys, "--checkpoint", ckpt, "--images", str(image_folder), "--out", str(out1))
+    result = _embed_folder(capsys, ckpt, image_folder, out1)
     features, labels, names = load_embeddings(out1)
     assert result["count"] == 5 and result["skipped"] == 1 and result["out"] == str(out1)
     assert names == sorted(FILES)
@@ -51,14 +57,14 @@ def test_embed_folder_rows_names_and_determinism(tiny_run, image_folder, tmp_pat
     assert torch.isfinite(features).all()
     assert torch.cdist(features, features).fill_diagonal_(1.0).min() > 1e-4  # distinct rows
 
-    _embed(capsys, "--checkpoint", ckpt, "--images", str(image_folder), "--out", str(out2))
+    _embed_folder(capsys, ckpt, image_folder, out2)
     assert torch.equal(load_embeddings(out2)[0], features)
 
     # Rows belong to their names: one image alone gives the same row.
     single = tmp_path / "single"
     single.mkdir()
     (single / "c.png").write_bytes((image_folder / "dogs" / "c.png").read_bytes())
-    _embed(capsys, "--checkpoint", ckpt, "--images", str(single), "--out", str(out2))
+    _embed_folder(capsys, ckpt, single, out2)
     alone, _, alone_names = load_embeddings(out2)
     assert alone_names == ["c.png"]
     torch.testing.assert_close(alone[0], features[names.index("dogs/c.png")])
@@ -118,8 +124,10 @@ def test_embed_empty_folder_is_one_line_error(tiny_run, tmp_path, capsys):
             "embed",
             "--checkpoint",
             str(tiny_run),
-            "--images",
-            str(tmp_path / "empty"),
+            "--data",
+            f"folder:{tmp_path / 'empty'}",
+            "--split",
+            "all",
             "--out",
             str(tmp_path / "x.safetensors"),
         ]

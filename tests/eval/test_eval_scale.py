@@ -132,7 +132,7 @@ def test_fast_probe_streamed_and_on_two_processes_equals_one_in_memory(
 
 def test_report_on_two_processes_writes_one_page(tiny_run, tmp_path):
     out = tmp_path / "report.html"
-    done = _torchrun("report", str(tiny_run), "--out", str(out), "--device", "cpu")
+    done = _torchrun("report", "--checkpoint", str(tiny_run), "--out", str(out), "--device", "cpu")
     lines = done.stdout.strip().splitlines()
     assert lines == [json.dumps({"report": str(out)})]  # the first process alone reports
     page = out.read_text()

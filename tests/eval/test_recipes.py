@@ -58,6 +58,8 @@ def test_a_bad_recipe_is_refused_in_one_line(tmp_path, text, message):
     assert "\n" not in str(error.value)
 
 
-def test_a_missing_recipe_names_where_the_protocols_live(tmp_path):
-    with pytest.raises(ConfigError, match="configs/eval/"):
+def test_a_missing_recipe_names_the_packaged_protocols(tmp_path):
+    with pytest.raises(ConfigError, match="not found.*linear_fast, linear_reference"):
         read_recipe(tmp_path / "nope.yaml", "linear", ProbeSettings)
+    by_name = read_recipe("linear_reference", "linear", ReferenceProbeSettings)
+    assert by_name["protocol"] == "reference"  # a packaged recipe by its name

@@ -23,7 +23,7 @@ def _copy_run(tiny_run, dest, **kwargs):
 
 
 def _report(capsys, *args: str) -> str:
-    assert main(["report", *args]) == 0
+    assert main(["report", "--checkpoint", *args]) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["report"]
 
 
@@ -78,6 +78,6 @@ def test_report_without_test_split_or_eval_files(tiny_run, tmp_path, capsys):
 
 
 def test_report_of_missing_dir_is_one_line_error(tmp_path, capsys):
-    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert main(["report", "--checkpoint", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1
