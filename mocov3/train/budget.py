@@ -17,11 +17,12 @@ minutes. A run cut short by the hard stop never reaches the low-lr end of its co
 one that finishes early leaves minutes unused. So the plan is made again at 5%, 30%, 60%
 and 85% of its steps (``replan_step``): the time left (the wall clock, stalls included)
 divided by the run's recent pace. The pace is the median of the seconds per step of
-windows of ``WINDOW_STEPS`` steps since the previous plan (logging and checkpoints in
-them, the kNN monitor not), so a stall of another process's making costs the minutes it
-took and no more: it slows one window, which the median passes over, instead of the pace
-of every step still to come. A resumed run measures its windows afresh and makes the
-re-plans it has not made yet.
+windows of ``WINDOW_STEPS`` steps since the previous plan, so a stall of another process's
+making costs the minutes it took and no more: it slows one window, which the median passes
+over, instead of the pace of every step still to come. What the run knows recurs and times
+itself, checkpoints and plot refreshes, is left out of the windows and added back as its
+mean per step since the previous plan (the kNN monitor keeps its own estimate). A resumed
+run measures its windows afresh and makes the re-plans it has not made yet.
 
 At a re-plan the schedules are laid again from the current step (``relay_schedules``):
 during the warmup, the warmup to the same peak at the new count's warmup end; after it, a
@@ -156,9 +157,12 @@ class BudgetPlanner:
 
     ``begin`` marks where the pace is measured from (the loop's start, a resumed session's
     included: windows from before are dropped); ``replan``, called after every step,
-    closes a window every ``WINDOW_STEPS`` steps (its wall seconds per step, logging and
-    checkpoints included, the kNN monitor excluded: it keeps its own estimate) and makes the
-    plan again at :func:`replan_step` from the median window since the previous plan;
+    closes a window every ``WINDOW_STEPS`` steps (its wall seconds per step, the kNN
+    monitor and the trainer's ``overhead`` left out) and makes the plan again at
+    :func:`replan_step` from the median window since the previous plan plus the overhead
+    per step since then. The overhead is what the trainer times itself and knows recurs
+    (checkpoints, plot refreshes): a median of windows would pass over it as it passes over
+    a stall, and the run would then end short of its cosine at the hard stop;
     ``out_of_time`` is the hard stop. ``agree`` turns one process's step
     count into the one every process uses (the mean for the first plan, the main process's
     for re-plans: the others wait out its kNN monitor inside their next step, which would
@@ -167,7 +171,8 @@ class BudgetPlanner:
 
     def __init__(self, plan: BudgetPlan | None = None) -> None:
         self.plan = plan
-        self._window_from = (0, 0.0, 0.0)  # (step, elapsed, monitor seconds)
+        self._window_from = (0, 0.0, 0.0)  # (step, elapsed, monitor + overhead seconds)
+        self._overhead_from = (0, 0.0)  # (step, overhead seconds) at the previous plan
         self.windows: list[float] = []  # seconds per step of the windows since the last plan
 
     def make_plan(
@@ -207,25 +212,37 @@ class BudgetPlanner:
             f"({plan.steps / steps_per_epoch:.2f} epochs, was {was})"
         )
 
-    def begin(self, step: int, elapsed: float, monitor_seconds: float) -> None:
-        self._window_from = (step, elapsed, monitor_seconds)
+    def begin(
+        self, step: int, elapsed: float, monitor_seconds: float, overhead: float = 0.0
+    ) -> None:
+        self._window_from = (step, elapsed, monitor_seconds + overhead)
+        self._overhead_from = (step, overhead)
         self.windows = []
 
-    def observe(self, step: int, elapsed: float, monitor_seconds: float) -> None:
+    def observe(
+        self, step: int, elapsed: float, monitor_seconds: float, overhead: float = 0.0
+    ) -> None:
         """Close the current window once it spans ``WINDOW_STEPS`` steps."""
-        first, started, monitor_before = self._window_from
+        first, started, left_out_before = self._window_from
         if step - first < WINDOW_STEPS:
             return
-        spent = elapsed - started - (monitor_seconds - monitor_before)
+        left_out = monitor_seconds + overhead
+        spent = elapsed - started - (left_out - left_out_before)
         self.windows.append(spent / (step - first))
-        self._window_from = (step, elapsed, monitor_seconds)
+        self._window_from = (step, elapsed, left_out)
 
     def replan(
-        self, step: int, elapsed: float, monitor_seconds: float, agree: Callable[[int], int]
+        self,
+        step: int,
+        elapsed: float,
+        monitor_seconds: float,
+        agree: Callable[[int], int],
+        overhead: float = 0.0,
     ) -> int | None:
         """The previous step count when the plan was made again at ``step`` (``plan``
-        then holds the new count, the pace and the new layout), else None."""
-        self.observe(step, elapsed, monitor_seconds)
+        then holds the new count, the pace and the new layout), else None. ``overhead``:
+        the trainer's own timed, recurring seconds so far (checkpoints, plots)."""
+        self.observe(step, elapsed, monitor_seconds, overhead)
         plan = self.plan
         if plan is None:
             return None
@@ -233,7 +250,8 @@ class BudgetPlanner:
         # resumed just before: too few windows to measure, the check waits for them
         if at is None or step < at or len(self.windows) < MIN_WINDOWS:
             return None
-        pace = statistics.median(self.windows)
+        since, overhead_before = self._overhead_from
+        pace = statistics.median(self.windows) + (overhead - overhead_before) / (step - since)
         left = plan_steps(
             plan.seconds, elapsed, pace, plan.eval_seconds, plan.monitor_seconds_per_step
         )
@@ -248,6 +266,7 @@ class BudgetPlanner:
         if plan.steps != was:
             plan.segments.append([step, plan.steps])
         self.windows = []  # the next plan measures from here
+        self._overhead_from = (step, overhead)
         return was
 
 

@@ -94,7 +94,8 @@ class Trainer:
         self.resume_command, self.plot = resume_command, plot
         # every process checks (they all fail alike); only the main process changes files
         per_process_batch(t.batch_size, self.process.world_size)
-        check_loggers(t.loggers)  # a missing tracker package fails before any data is read
+        # a tracker asked for and not installed fails here, before any data is read
+        self.loggers, logger_note = check_loggers(t.loggers)
         self.run_dir.prepare(resume, overwrite)
         if resume is not None:
             self.progress.message(describe_length(config))
@@ -107,6 +108,8 @@ class Trainer:
         self.data = load_training_data(config, with_test=evaluates)
         if resume is None:
             self.progress.message(describe_length(config))
+        if logger_note:
+            self.progress.message(logger_note)
         if evaluates and self.data.test_set is None:
             note = "note: no labelled val/ or test/ split, so kNN evaluation is skipped"
             print(note, file=sys.stderr)
@@ -138,6 +141,7 @@ class Trainer:
         self.stop = StopSignals()
         self._stopping = False  # the stop all processes agreed on (see _agree_to_stop)
         self._budget_stop = False  # the time budget ran out before the planned steps
+        self._overhead = 0.0  # seconds of checkpoints and plots this session (budget.py)
         self._eval_seconds_per_image: float | None = None  # measured by the kNN at init
         self.batches: BatchSource | None = None
         self.unreadable: dict[int, str] = {}  # images the streams substituted this session
@@ -237,7 +241,7 @@ class Trainer:
             # killed session logged after the checkpoint)
             log = MetricsLog(
                 self.out_dir,
-                self.config.train.loggers,
+                self.loggers,
                 self.step if resumed else None,
                 self.config.to_dict(),
             )
@@ -318,7 +322,7 @@ class Trainer:
         window: list[float] = []
         if (start := self._monitor(log)) is not None:
             self.stats.last_knn = start["knn_top1"]  # the monitor's own start, same subset
-        self.budget.begin(self.step, self.elapsed(), self.stats.monitor_seconds)
+        self.budget.begin(self.step, self.elapsed(), self.stats.monitor_seconds, self._overhead)
         while self.step < self.schedules.total_steps and not self._agree_to_stop():
             tic = time.perf_counter()
             result = self.take_step(self.step)
@@ -352,7 +356,9 @@ class Trainer:
                     f"{self.schedules.total_steps} planned (the machine ran slower than "
                     "measured); evaluating now"
                 )
+            tic = time.perf_counter()
             self._maybe_checkpoint()
+            self._overhead += time.perf_counter() - tic  # the budget counts it apart
             if self._agree_to_stop() or out_of_time:
                 break
             tic = time.perf_counter()
@@ -451,7 +457,11 @@ class Trainer:
         schedules end when the budget does (see :class:`BudgetPlanner`)."""
         elapsed, monitor = self.elapsed(), self.stats.monitor_seconds
         replanned = self.budget.replan(
-            self.step, elapsed, monitor, lambda steps: int(main_process_value(steps, self.device))
+            self.step,
+            elapsed,
+            monitor,
+            lambda steps: int(main_process_value(steps, self.device)),
+            self._overhead,
         )
         if replanned is None or (plan := self.budget.plan) is None:
             return

@@ -351,3 +351,24 @@ def test_bad_budget_is_a_one_line_error(tmp_path):
     with pytest.raises(TrainingError, match="a budget is planned when a run starts") as error:
         Trainer(later, out, resume="auto").run()
     assert "\n" not in str(error.value)
+
+
+def test_recurring_checkpoints_are_budgeted_while_a_stall_is_not():
+    # 0.24 s per step, a 5 s checkpoint every 100 steps that the trainer times (overhead),
+    # and one 120 s stall: the pace is the median window plus the checkpoints' mean cost
+    planner = BudgetPlanner()
+    planner.make_plan(14.0, 30.0, 0.24, 20.0, 0.0, agree=int)
+    planner.begin(0, 30.0, 0.0, 0.0)
+    elapsed, overhead, previous, paces = 30.0, 0.0, (0, 0.0), []
+    for step in range(1, 1200):
+        elapsed += 0.24 + (120.0 if step == 150 else 0.0)
+        if step % 100 == 0:
+            elapsed, overhead = elapsed + 5.0, overhead + 5.0
+        if planner.replan(step, elapsed, 0.0, int, overhead) is not None:
+            # the checkpoints since the previous plan, spread over its steps; not the stall
+            expected = 0.24 + (overhead - previous[1]) / (step - previous[0])
+            paces.append((planner.plan.step_seconds, expected))
+            previous = (step, overhead)
+    assert len(paces) == 2 and paces[1][1] > 0.24 + 0.04  # 5 s per 100 steps
+    for pace, expected in paces:
+        assert pace == pytest.approx(expected, abs=1e-6)
