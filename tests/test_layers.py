@@ -1,6 +1,6 @@
 """The package's layers import one way (docs/architecture.md):
 
-    errors, config  <-  runtime, optim  <-  data, models  <-  train, eval, interop
+    errors, config, presets  <-  runtime, optim  <-  data, models  <-  train, eval, interop
                     <-  tools, api  <-  cli  <-  __main__
 
 A module may import its own package and any lower layer; across one layer only train may

@@ -95,6 +95,14 @@ def test_installed_wheel_runs_from_an_empty_directory(wheel, tmp_path):
     bench = _run([mocov3, "bench", "--config", "tiny", "--steps", "2", "--precision", "fp32",
                   "--peak-seconds", "0.1", "--json", "--quiet"], empty)  # fmt: skip
     assert json.loads(bench.stdout.strip().splitlines()[-1])["rows"]
+    # bench's default preset and the recipes are found by name, not in the working directory
+    check = (
+        "from mocov3.config import load_config; from mocov3.tools.bench import DEFAULT_CONFIG;"
+        "from mocov3.eval.recipes import read_recipe; from mocov3.eval.linear_reference import"
+        " ReferenceProbeSettings as S; load_config(DEFAULT_CONFIG);"
+        "print(read_recipe('linear_reference', 'linear', S)['protocol'])"
+    )
+    assert _run([str(python), "-c", check], empty).stdout.strip() == "reference"
     assert sorted(p.name for p in empty.iterdir()) == ["run"]  # nothing else written here
 
 
@@ -116,9 +124,15 @@ def test_the_core_install_trains_exports_and_loads_without_extras(tmp_path):
         code = main(["pretrain", "--config", "tiny", "--out", {str(tmp_path / "run2")!r},
                      *{QUICK!r}])
         print("default loggers exit", code)
+        code = main(["pretrain", "--config", "tiny", "--out", {str(tmp_path / "run3")!r},
+                     "--set", "train.loggers=[wandb]", *{QUICK!r}])
+        print("wandb exit", code)
         """
     )
     done = _run([sys.executable, "-c", script], tmp_path)
-    assert "note: no plots: matplotlib is not installed" in done.stderr
-    assert "default loggers exit 2" in done.stdout  # tensorboard, the default logger, missing
-    assert "pip install 'mocov3[tensorboard]'" in done.stderr
+    assert "plots: none (matplotlib is not installed" in done.stderr
+    # TensorBoard, the default logger, is left out with a note; W&B asked for is an error
+    assert "default loggers exit 0" in done.stdout and "wandb exit 2" in done.stdout
+    assert "note: no TensorBoard logs" in done.stderr
+    assert "pip install 'mocov3[wandb]'" in done.stderr
+    assert not (tmp_path / "run2" / "tensorboard").exists()

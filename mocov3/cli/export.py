@@ -8,7 +8,7 @@ import json
 import sys
 
 from mocov3.cli.common import add_checkpoint_arg
-from mocov3.errors import ConfigError
+from mocov3.errors import ConfigError, require_package
 from mocov3.interop.export import DEFAULT_LICENSE, FORMATS, export_checkpoint
 from mocov3.interop.hub import push_to_hub
 from mocov3.interop.pretrained import ARCH_KEY, read_pretrained_config
@@ -19,19 +19,23 @@ from mocov3.models.moco import ENCODERS
 def cmd_export(args: argparse.Namespace) -> int:
     if (args.private or args.revision) and not args.push_to_hub:
         raise ConfigError("--private and --revision go with --push-to-hub REPO_ID")
+    if args.push_to_hub:  # before the export: a missing package is found in a second
+        require_package("huggingface_hub", "hub", "--push-to-hub")
     out = export_checkpoint(
         args.checkpoint, args.out, encoder=args.encoder, fmt=args.format, license_id=args.license
     )
     config = read_pretrained_config(out)
     shown = {k: config[k] for k in ("architecture", "model_args", ARCH_KEY) if k in config}
-    print(json.dumps({"out": str(out), **shown}), flush=True)
     if config.get("timm_verified_version", 0) is None:
         print(
             "warning: timm is not installed, so the timm fields were not verified", file=sys.stderr
         )
     if args.push_to_hub:
-        url = push_to_hub(out, args.push_to_hub, private=args.private, revision=args.revision)
-        print(f"pushed {out} to {url}")
+        shown["hub_url"] = push_to_hub(
+            out, args.push_to_hub, private=args.private, revision=args.revision
+        )
+        print(f"pushed {out} to {shown['hub_url']}", file=sys.stderr)
+    print(json.dumps({"out": str(out), **shown}))
     return 0
 
 

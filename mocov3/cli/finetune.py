@@ -1,6 +1,6 @@
 """``mocov3 finetune``: fine-tune a checkpoint's backbone end to end, or train the same
-network from random init (:mod:`mocov3.eval.finetune`); ``--recipe`` picks a protocol from
-``configs/eval/`` (the paper's DeiT recipe), explicit flags override it."""
+network from random init (:mod:`mocov3.eval.finetune`); ``--recipe`` picks a protocol by
+name (``finetune_deit_vit_small``: the paper's DeiT recipe) or file; flags override it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mocov3.cli.common import add_data_args, add_set_arg, data_overrides, report_preempted
+from mocov3.cli.common import (
+    add_data_args,
+    add_device_arg,
+    add_set_arg,
+    data_overrides,
+    report_preempted,
+)
 from mocov3.errors import ConfigError
 from mocov3.eval.deit import DEIT_RAND_AUGMENT, ERASING_MODES, MIXUP_MODES
 from mocov3.eval.finetune import (
@@ -178,8 +184,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="a run's checkpoint.pt (or the run directory); --from-scratch uses "
-        "its architecture and data only",
+        metavar="PATH",
+        help="what to fine-tune: a checkpoint file, a run directory (its newest checkpoint) "
+        "or an export directory; --from-scratch uses its architecture and data only",
     )
     p.add_argument(
         "--recipe",
@@ -208,7 +215,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="continue a stopped run: auto takes finetune.ckpt.pt (scratch.ckpt.pt) beside "
         "the checkpoint when it is there (default: a new run)",
     )
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default train.device)")
+    add_device_arg(p)
     add_data_args(p)
     add_set_arg(
         p,

@@ -1,8 +1,8 @@
 """``mocov3 linear``: linear probe of a checkpoint's frozen backbone, by one of two protocols:
 ``fast`` (default; cached features, an lr sweep in one pass, :mod:`mocov3.eval.linear`) or
 ``reference`` (``main_lincls.py``: augmented views every epoch, streamed, distributed and
-resumable, :mod:`mocov3.eval.linear_reference`). ``--recipe configs/eval/*.yaml`` loads a
-protocol's settings; flags given override them."""
+resumable, :mod:`mocov3.eval.linear_reference`). ``--recipe NAME`` (a packaged recipe or a
+YAML file) loads a protocol's settings; flags given override them."""
 
 from __future__ import annotations
 
@@ -16,7 +16,14 @@ from typing import Any
 import yaml
 
 from mocov3 import presets
-from mocov3.cli.common import add_data_args, add_set_arg, data_overrides, report_preempted
+from mocov3.cli.common import (
+    add_checkpoint_arg,
+    add_data_args,
+    add_device_arg,
+    add_set_arg,
+    data_overrides,
+    report_preempted,
+)
 from mocov3.errors import ConfigError
 from mocov3.eval import linear
 from mocov3.eval.features import FEATURE_KINDS
@@ -188,7 +195,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "reference main_lincls.py protocol)",
         description=linear.__doc__.split("\n\n")[0] if linear.__doc__ else None,
     )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt or its run directory")
+    add_checkpoint_arg(parser, "probe")
     parser.add_argument(
         "--protocol",
         choices=PROTOCOLS,
@@ -215,7 +222,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     _add_shared_recipe_flags(parser)
     _add_fast_flags(parser)
     _add_reference_flags(parser)
-    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default train.device)")
+    add_device_arg(parser)
     add_set_arg(parser)
     parser.set_defaults(handler=cmd_linear)
 

@@ -51,12 +51,8 @@ def require_config(args: argparse.Namespace) -> str:
 
 
 def plotter() -> PlotRun | None:
-    """The run's plots when matplotlib is installed; else None, said in one line."""
+    """The run's plots when matplotlib is installed (the run's last line says when not)."""
     if not has_package("matplotlib"):
-        print(
-            "note: no plots: matplotlib is not installed (pip install 'mocov3[plots]')",
-            file=sys.stderr,
-        )
         return None
     from mocov3.tools.plots import plot_run
 
@@ -88,7 +84,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if launched_info().rank != 0:  # under torchrun only the main process reports
         return 0
     if not summary.get("preempted"):
-        plots = ", ".join(Path(p).name for p in summary.get("plots", [])) or "none"
+        plots = ", ".join(Path(p).name for p in summary.get("plots", [])) or (
+            "none (matplotlib is not installed: pip install 'mocov3[plots]')"
+        )
         print(f"run directory: {out}  plots: {plots}", file=sys.stderr)
     print(json.dumps({k: v for k, v in summary.items() if k != "plots"}))
     return 0

@@ -1,6 +1,8 @@
 """Brace expansion of shard patterns, as WebDataset writes them: ``train-{000000..001281}.tar``
 (a numeric range, zero-padded to the width of its ends) and ``{train,val}-{0..3}.tar`` (lists),
-groups nested or several in one pattern, expanded left to right like the shell.
+groups nested or several in one pattern, expanded left to right like the shell. Shard names
+use neither letter ranges (``{a..c}``: refused in one line) nor backslash-escaped braces
+(not supported: a ``\\{`` opens a group like any other).
 
 webdataset expands patterns with the ``braceexpand`` package; this is the part of it shard
 names use, written here so that reading ``wds:`` data needs no package beyond the core
@@ -42,6 +44,11 @@ def _alternatives(body: str) -> list[str]:
     expanded in turn, so groups nest)."""
     if (match := RANGE.match(body)) is not None:
         return _range(*match.groups())
+    if ".." in body and "," not in body and "{" not in body:
+        raise DatasetError(
+            f"range {{{body}}} is not numeric: shard patterns take numeric ranges such as "
+            "{000000..000099} and lists such as {train,val}"
+        )
     items, depth, begun = [], 0, 0
     for index, char in enumerate(body):
         depth += {"{": 1, "}": -1}.get(char, 0)

@@ -35,6 +35,7 @@ from mocov3.data.images import ImageDataset, channel_stats, resize_images
 from mocov3.data.records import ImageRecords, open_records, record_spec, try_decode_record
 from mocov3.data.synthetic import make_synthetic
 from mocov3.errors import DatasetError, one_line
+from mocov3.runtime.distributed import barrier, is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -131,13 +132,13 @@ def fashion_mnist_cache() -> Path:
 
 
 def fashion_mnist_folders(data_dir: str | None) -> list[Path]:
-    """The folders searched for the idx files: ``data_dir`` alone when given, else
-    ``$FASHION_MNIST_DIR``, the Debian package's folder and the download cache."""
-    if data_dir:
-        return [Path(data_dir).expanduser()]
-    named = os.environ.get(FASHION_MNIST_ENV)
-    folders = [Path(named).expanduser()] if named else []
-    return [*folders, Path(FASHION_MNIST_DIR), fashion_mnist_cache()]
+    """The folders searched for the idx files, the last also where ``data.download`` puts
+    them: ``data_dir`` alone when given, else ``$FASHION_MNIST_DIR`` alone when set, else
+    the Debian package's folder and the download cache."""
+    named = data_dir or os.environ.get(FASHION_MNIST_ENV)
+    if named:
+        return [Path(named).expanduser()]
+    return [Path(FASHION_MNIST_DIR), fashion_mnist_cache()]
 
 
 def _idx_in(folder: Path, stem: str) -> Path | None:
@@ -149,34 +150,45 @@ def _idx_in(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _split_in(folder: Path, prefix: str) -> tuple[Path, Path] | None:
+    """A split's images and labels, both from ``folder``."""
+    images = _idx_in(folder, f"{prefix}-images-idx3-ubyte")
+    labels = _idx_in(folder, f"{prefix}-labels-idx1-ubyte")
+    return (images, labels) if images and labels else None
+
+
 def download_fashion_mnist(folder: Path) -> None:
     """torchvision's Fashion-MNIST download into ``folder`` (needs the network): the
-    fallback where the Debian package is not available."""
+    fallback where the Debian package is not available. Under torchrun the main process
+    downloads and the others wait for it."""
     from torchvision.datasets import FashionMNIST
 
-    try:
-        for train in (True, False):
-            FashionMNIST(str(folder), train=train, download=True)
-    except (OSError, RuntimeError) as error:
-        raise DatasetError(
-            f"downloading Fashion-MNIST into {folder} failed ({error}); install it with "
-            "`sudo apt-get install dataset-fashion-mnist` or pass --data-dir DIR"
-        ) from None
+    if is_main_process():
+        try:
+            for train in (True, False):
+                FashionMNIST(str(folder), train=train, download=True)
+        except (OSError, RuntimeError) as error:
+            raise DatasetError(
+                f"downloading Fashion-MNIST into {folder} failed ({one_line(error)}); install "
+                "it with `sudo apt-get install dataset-fashion-mnist` or pass --data-dir DIR"
+            ) from None
+    barrier()
 
 
-def _find_idx(folders: list[Path], stem: str, download: bool) -> Path:
+def _find_split(folders: list[Path], prefix: str, download: bool) -> tuple[Path, Path]:
     for folder in folders:
-        if (found := _idx_in(folder, stem)) is not None:
+        if (found := _split_in(folder, prefix)) is not None:
             return found
     if download:
         download_fashion_mnist(folders[-1])
-        if (found := _idx_in(folders[-1], stem)) is not None:
+        if (found := _split_in(folders[-1], prefix)) is not None:
             return found
     raise DatasetError(
-        f"Fashion-MNIST not found (no {stem}[.gz] in {', '.join(map(str, folders))}): "
-        "install it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), pass "
-        f"--data-dir DIR or set {FASHION_MNIST_ENV} to a folder holding the four idx files, "
-        "or download it with torchvision (network): --set data.download=true"
+        f"Fashion-MNIST not found (no {prefix}-images/labels idx files in "
+        f"{', '.join(map(str, folders))}): install it with `sudo apt-get install "
+        f"dataset-fashion-mnist` (Debian/Ubuntu), pass --data-dir DIR or set "
+        f"{FASHION_MNIST_ENV} to a folder holding the four idx files, or download it with "
+        "torchvision (network): --set data.download=true"
     )
 
 
@@ -185,15 +197,13 @@ def load_fashion_mnist(
 ) -> ImageDataset:
     """Fashion-MNIST 'train' (60k) or 'test' (10k) as uint8 ``[N, 1, 28, 28]`` images,
     from the first of :func:`fashion_mnist_folders` holding them; ``download``: fetch them
-    with torchvision into the cache when none does.
+    with torchvision into the last when none does.
 
     Both splits carry the train statistics, the values a model is normalised with.
     """
     split = check_split(split)
-    folders = fashion_mnist_folders(data_dir)
     prefix = "train" if split == "train" else "t10k"
-    image_path = _find_idx(folders, f"{prefix}-images-idx3-ubyte", download)
-    label_path = _find_idx(folders, f"{prefix}-labels-idx1-ubyte", download)
+    image_path, label_path = _find_split(fashion_mnist_folders(data_dir), prefix, download)
     images, labels = read_idx(image_path), read_idx(label_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DatasetError(

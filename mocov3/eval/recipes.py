@@ -1,5 +1,5 @@
-"""Evaluation protocols as files: ``configs/eval/*.yaml`` (``mocov3 linear --recipe``,
-``mocov3 finetune --recipe``).
+"""Evaluation protocols as files: the packaged ``mocov3/presets/eval/NAME.yaml``, named by
+``NAME``, or any YAML file (``mocov3 linear --recipe``, ``mocov3 finetune --recipe``).
 
 A recipe is a YAML mapping::
 

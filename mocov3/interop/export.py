@@ -79,7 +79,7 @@ def _from_checkpoint(checkpoint: str | Path, encoder: str) -> tuple[nn.Module, d
         "preprocessing": preprocessing(run),
         "training": training_facts(run),
         "results": run_results(run.run_dir),
-        "mocov3_config": run.config.to_dict(),
+        "mocov3_config": _public_config(run.config.to_dict()),
     }
     if "imported" in run.state:
         extra["imported"] = run.state["imported"]
@@ -128,6 +128,12 @@ def training_facts(run: LoadedRun) -> dict[str, Any]:
         "checkpoint": f"{run.path.parent.name}/{run.path.name}",
     }
     return {key: value for key, value in facts.items() if value is not None}
+
+
+def _public_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The run's config without its local folders (data.name's path, data.data_dir)."""
+    data = {**config["data"], "name": _public_name(config["data"]["name"]), "data_dir": None}
+    return {**config, "data": data}
 
 
 def _public_name(spec: str) -> str:

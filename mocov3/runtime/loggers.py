@@ -44,14 +44,25 @@ class Logger(Protocol):
     def close(self, status: str = "finished") -> None: ...
 
 
-def check_loggers(names: Sequence[str]) -> None:
-    """A configured logger whose package is missing is a one-line error naming both fixes,
-    raised before any data is read: hours of training should not end without their log."""
+def check_loggers(names: Sequence[str]) -> tuple[tuple[str, ...], str | None]:
+    """The loggers a run can use, and a note on any it leaves out; raised before any data
+    is read. TensorBoard, the default, is left out with a note when it is not installed
+    (the core install trains without it, and ``metrics.jsonl`` holds every value); a
+    tracker the run asked for by name is a one-line error naming both fixes: hours of
+    training should not end without the log they were meant to feed."""
     missing = [name for name in names if not has_package(PACKAGES[name])]
+    note = None
+    if "tensorboard" in missing:
+        missing.remove("tensorboard")
+        note = (
+            "note: no TensorBoard logs: tensorboard is not installed (pip install "
+            "'mocov3[tensorboard]'); metrics.jsonl holds every value"
+        )
+    usable = tuple(name for name in names if has_package(PACKAGES[name]))
     if not missing:
-        return
+        return usable, note
     quoted = " and ".join(f"'{name}'" for name in missing)
-    kept = ",".join(name for name in names if name not in missing)
+    kept = ",".join(usable)
     verb, them = ("is", "it") if len(missing) == 1 else ("are", "them")
     raise ConfigError(
         f"train.loggers includes {quoted}, which {verb} not installed: pip install "

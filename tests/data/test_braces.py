@@ -33,6 +33,8 @@ def test_hand_computed_cases():
     assert expand_braces("{a,b}{1..2}") == ["a1", "a2", "b1", "b2"]
 
 
-def test_unclosed_brace_is_a_one_line_error():
+def test_unclosed_brace_and_letter_range_are_one_line_errors():
     with pytest.raises(DatasetError, match="unclosed"):
         expand_braces("train-{000..009.tar")
+    with pytest.raises(DatasetError, match="not numeric"):
+        expand_braces("shard-{a..c}.tar")

@@ -226,18 +226,23 @@ def test_a_missing_package_fails_before_any_data_with_the_install_hint(
     assert main(pretrain_args(out)) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (
-        "error: train.loggers includes 'tensorboard' and 'wandb', which are not installed: "
-        "pip install 'mocov3[tensorboard,wandb]', or drop them "
+        "error: train.loggers includes 'wandb', which is not installed: "
+        "pip install 'mocov3[wandb]', or drop it "
         '(--set "train.loggers=[mlflow]")'
     )
+    without(monkeypatch, "wandb", "mlflow", "tensorboard")
     with pytest.raises(ConfigError) as error:
-        check_loggers(("tensorboard",))  # the default
+        check_loggers(("wandb", "mlflow"))
     assert str(error.value) == (
-        "train.loggers includes 'tensorboard', which is not installed: pip install "
-        "'mocov3[tensorboard]', or drop it (--set \"train.loggers=[]\")"
+        "train.loggers includes 'wandb' and 'mlflow', which are not installed: pip install "
+        "'mocov3[wandb,mlflow]', or drop them (--set \"train.loggers=[]\")"
     )
-    check_loggers(("mlflow",))  # installed: no error
-    check_loggers(())
+    # the default, TensorBoard, is left out with a note: the core install trains without it
+    usable, note = check_loggers(("tensorboard",))
+    assert usable == () and "pip install 'mocov3[tensorboard]'" in note
+    monkeypatch.undo()
+    assert check_loggers(("mlflow", "tensorboard")) == (("mlflow", "tensorboard"), None)
+    assert check_loggers(()) == ((), None)
 
 
 class Recorder:

@@ -324,6 +324,9 @@ def test_kill_9_at_random_points_and_sigterm_then_resume_is_bit_identical(straig
 
 
 def test_second_sigint_exits_at_once_leaving_checkpoints_alone(tmp_path, capsys, monkeypatch):
+    # what the handler was before (SIG_IGN, not Python's, when a non-interactive shell
+    # started the tests in the background): the run must put it back
+    handler = signal.getsignal(signal.SIGINT)
     out = tmp_path / "run"
     trainer = Trainer(make_config(), out)
     seen: dict[str, bytes] = {}
@@ -341,7 +344,7 @@ def test_second_sigint_exits_at_once_leaving_checkpoints_alone(tmp_path, capsys,
     assert main(cli(out)) == 130
     assert "interrupted" in capsys.readouterr().err
     assert seen and checkpoint_bytes(out) == seen and numbered(out) == [2, 4]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler
 
 
 @pytest.mark.parametrize("where", ["activation", "gradient"])
