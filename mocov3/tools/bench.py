@@ -350,7 +350,8 @@ def run_rows(
     probe step, so an emulated bf16 cannot turn the bench into an hour."""
     rows: list[dict[str, Any]] = []
     fitted: dict[str, int] = {}  # one batch per slow precision, so its rows compare
-    for spec in specs:
+    started = time.perf_counter()
+    for index, spec in enumerate(specs):
         batch, note = bench.config.train.batch_size, ""
         if spec.precision != "fp32" and is_slow(spec.precision, bench):
             if skip_slow:
@@ -363,7 +364,7 @@ def run_rows(
             batch = fitted[spec.precision]
             if batch < bench.config.train.batch_size:
                 note = f"{spec.precision} is emulated here: batch reduced to fit the time budget"
-        progress(f"timing {spec.name} (batch {batch})")
+        progress(f"timing {spec.name} (batch {batch}) {_row_eta(index, len(specs), started)}")
         rows.append(run_row(spec, bench, batch, note))
         row = rows[-1]
         progress(
@@ -371,6 +372,14 @@ def run_rows(
             f"({row['steps']} timed, warm-up {row['warmup_seconds']:.0f} s)"
         )
     return rows
+
+
+def _row_eta(index: int, total: int, started: float) -> str:
+    """``[row 3/5, eta 00:40]``: the rows left at the mean time of those done."""
+    if index == 0:
+        return f"[row 1/{total}]"
+    left = (time.perf_counter() - started) / index * (total - index)
+    return f"[row {index + 1}/{total}, eta {int(left) // 60:02d}:{int(left) % 60:02d}]"
 
 
 def extra_specs(

@@ -31,8 +31,11 @@ TINY = [
 
 
 def test_bench_runs_on_a_tiny_preset_and_emits_the_json_fields(capsys) -> None:
-    assert main([*TINY, "--json"]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
+    assert main([*(flag for flag in TINY if flag != "--quiet"), "--json"]) == 0
+    printed = capsys.readouterr()
+    out = printed.out.strip().splitlines()
+    # progress on stderr: each row with its place and, after the first, an ETA
+    assert "[row 1/5]" in printed.err and "[row 5/5, eta 00:0" in printed.err
     result = json.loads(out[-1])
     assert "baseline fp32 per-view tv" in "\n".join(out[:-1])  # the table comes first
     for key in ("images_per_second", "mfu", "speedup_vs_baseline", "augmentation_share"):
