@@ -19,9 +19,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        shown = action.default not in (None, False, argparse.SUPPRESS, [])
+        default = action.default
+        shown = not (default is None or default is False or default == []) and (
+            default is not argparse.SUPPRESS
+        )  # identity, not equality: a default of 0 is shown
         if shown and "default" not in text and (action.option_strings or action.nargs):
-            default = action.default
             if isinstance(default, (list, tuple)):
                 default = " ".join(map(str, default))
             text += f" (default: {default})"

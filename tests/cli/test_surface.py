@@ -36,7 +36,7 @@ def test_every_flag_has_help_and_says_its_default(name):
         assert action.help, f"{name} {action.option_strings or action.dest} has no help"
         if action.default == []:  # a repeatable flag: none given, none applied
             continue
-        if action.default not in (None, False, [], argparse.SUPPRESS):
+        if action.default is not None and action.default is not False:  # 0 is shown too
             shown = action.default
             if isinstance(shown, list | tuple):
                 shown = " ".join(map(str, shown))
