@@ -17,7 +17,7 @@ from mocov3.cli.common import (
     data_overrides,
     resume_command,
 )
-from mocov3.config import load_config
+from mocov3.config import load_config, parse_override
 from mocov3.errors import ConfigError, has_package
 from mocov3.runtime.distributed import launched_info
 from mocov3.train.trainer import PlotRun, pretrain
@@ -33,7 +33,7 @@ def length_overrides(args: argparse.Namespace) -> list[str]:
         overrides.append(f"train.epochs={args.epochs}")
     if args.budget_minutes is not None:
         overrides.append(f"train.budget_minutes={args.budget_minutes}")
-    keys = [text.split("=", 1)[0].strip() for text in [*overrides, *args.set]]
+    keys = [parse_override(text)[0] for text in [*overrides, *args.set]]
     if "train.epochs" in keys and "train.budget_minutes" not in keys:
         overrides.append("train.budget_minutes=null")
     return overrides

@@ -38,6 +38,7 @@ from mocov3.models.moco import MoCo, build_moco
 from mocov3.optim.optimizers import build_optimizer
 from mocov3.optim.schedules import scaled_lr
 from mocov3.runtime.device import resolve_device
+from mocov3.runtime.logging import format_duration
 from mocov3.runtime.performance import (
     apply_memory_format,
     compile_backbones,
@@ -379,7 +380,7 @@ def _row_eta(index: int, total: int, started: float) -> str:
     if index == 0:
         return f"[row 1/{total}]"
     left = (time.perf_counter() - started) / index * (total - index)
-    return f"[row {index + 1}/{total}, eta {int(left) // 60:02d}:{int(left) % 60:02d}]"
+    return f"[row {index + 1}/{total}, eta {format_duration(left)}]"
 
 
 def extra_specs(
