@@ -29,6 +29,7 @@ from mocov3.models.heads import SyncBatchNorm1d
 
 LAYER_NORM_EPS = 1e-6
 MLP_NORMS = ("layernorm", "batchnorm")
+ATTENTION_KERNELS = ("auto", "sdpa", "explicit")
 
 
 def sincos_position_table(
@@ -85,19 +86,66 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v as three plain ops (the function SDPA computes)."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return scores.softmax(dim=-1) @ v
+
+
+def uses_explicit_attention(kernel: str, q: torch.Tensor) -> bool:
+    """``auto``: torch's fused SDPA, except bf16 on a CPU, where its flash kernel's backward
+    ran 4x slower than three plain bf16 ops on an AVX-512-BF16 EPYC (65 tokens, head dim
+    64; docs/benchmarks.md), while in fp32 SDPA is the faster of the two."""
+    if kernel == "auto":
+        return q.device.type == "cpu" and q.dtype == torch.bfloat16
+    return kernel == "explicit"
+
+
 class Attention(nn.Module):
+    """Multi-head self-attention; ``kernel`` (one of ``ATTENTION_KERNELS``) picks how
+    softmax(q k^T) v is computed. Every kernel is the same function, so the choice is a speed
+    setting only (see :func:`set_attention_kernel`)."""
+
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
+        self.kernel = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
+        return self.proj(self._attend(q, k, v).transpose(1, 2).reshape(batch, tokens, dim))
+
+    def forward_first_token(self, x: torch.Tensor) -> torch.Tensor:
+        """The output at the first token only, ``[B, 1, D]``: its query against every key,
+        the other tokens' queries never computed (the last block's class token)."""
+        batch, tokens, dim = x.shape
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        weight, bias = self.qkv.weight, self.qkv.bias
+        q = F.linear(x[:, :1], weight[:dim], bias[:dim]).reshape(batch, 1, heads, head_dim)
+        kv = F.linear(x, weight[dim:], bias[dim:]).reshape(batch, tokens, 2, heads, head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = self._attend(q.transpose(1, 2), k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, 1, dim))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if uses_explicit_attention(self.kernel, q):
+            return explicit_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def set_attention_kernel(model: nn.Module, kernel: str) -> int:
+    """Set every :class:`Attention` in ``model`` to ``kernel``; returns how many were set."""
+    if kernel not in ATTENTION_KERNELS:
+        choices = ", ".join(ATTENTION_KERNELS)
+        raise ValueError(f"attention kernel '{kernel}' must be one of {choices}")
+    layers = [module for module in model.modules() if isinstance(module, Attention)]
+    for layer in layers:
+        layer.kernel = kernel
+    return len(layers)
 
 
 class Mlp(nn.Module):
@@ -148,6 +196,12 @@ class Block(nn.Module):
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
+    def forward_first_token(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output at the first token, ``[B, 1, D]``: every other token's
+        attention output and MLP are skipped (exact with a per-token norm, LayerNorm)."""
+        first = x[:, :1] + self.drop_path(self.attn.forward_first_token(self.norm1(x)))
+        return first + self.drop_path(self.mlp(self.norm2(first)))
+
 
 class VisionTransformer(nn.Module):
     """ViT whose ``forward`` returns the class token after the final LayerNorm, ``[B, D]``."""
@@ -180,6 +234,8 @@ class VisionTransformer(nn.Module):
             *[Block(embed_dim, num_heads, mlp_ratio, rate, mlp_norm) for rate in rates]
         )
         self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        # ViT-BN's MLP norm takes statistics over every token: the shortcut would change them
+        self.class_token_only_last_block = mlp_norm == "layernorm"
         self._init_weights()
 
     def _make_pos_embed(self, kind: str) -> nn.Parameter | None:
@@ -245,4 +301,11 @@ class VisionTransformer(nn.Module):
         return outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(x)[:, 0]
+        """The class token after the final LayerNorm, ``[B, D]``. With
+        ``class_token_only_last_block`` the last block computes only the class token: its
+        other outputs are never read, and skipping them saves a twelfth of a depth-12 ViT's
+        FLOPs with the same function (to rounding)."""
+        if not self.class_token_only_last_block:
+            return self.forward_tokens(x)[:, 0]
+        x = self.blocks[:-1](self.embed_tokens(x))
+        return self.norm(self.blocks[-1].forward_first_token(x))[:, 0]

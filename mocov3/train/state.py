@@ -38,12 +38,16 @@ class RunStats:
     loss: float = math.nan
     last_knn: float | None = None
     knn_init: dict[str, Any] | None = None
+    loop_seconds: float = 0.0  # the loop's own bookkeeping between steps
 
     def summary(self, steps: int, batch_size: int) -> dict[str, Any]:
-        """What ``summary.json`` reports of a run's training after ``steps`` steps."""
+        """What ``summary.json`` reports of a run's training after ``steps`` steps;
+        ``loop_overhead_share``: the loop's own time between steps (logging, progress, the
+        stability watch, budget checks) over the steps' time."""
         return {
             "images_per_second": round(steps * batch_size / max(self.train_seconds, 1e-9), 2),
             "train_seconds": round(self.train_seconds, 1),
+            "loop_overhead_share": round(self.loop_seconds / max(self.train_seconds, 1e-9), 5),
             "final_loss": round(self.loss, 5),
             "steps": steps,
             "skipped_steps": self.skipped_steps,
@@ -66,6 +70,7 @@ class RunStats:
             float(progress.get("loss", math.nan)),
             progress.get("last_knn"),
             progress.get("knn_init"),
+            float(progress.get("loop_seconds", 0.0)),
         )
 
 

@@ -129,14 +129,17 @@ class TrainStep:
         return self.grad_monitor.norms(scale)
 
 
-def build_train_step(config: Config, model: MoCo, device: torch.device) -> TrainStep:
+def build_train_step(
+    config: Config, model: MoCo, device: torch.device, fused: bool | None = None
+) -> TrainStep:
     """The step ``config`` describes: AdamW or LARS over the trainable tensors, a grad scaler
     for fp16, the DDP wrapper under torchrun (it averages the gradients over processes, each
     loss being its own batch's mean, and starts from rank 0's weights; SyncBatchNorm1d keeps
-    the heads' statistics in step, so buffers need no broadcast), and the gradient monitor."""
+    the heads' statistics in step, so buffers need no broadcast), and the gradient monitor.
+    ``fused``: AdamW's kernel, as :func:`build_optimizer` (None: its default)."""
     t, s = config.train, config.stability
     forward = wrap_ddp(model, device) if is_distributed() else model
-    optimizer = build_optimizer(model, config.optim, device)
+    optimizer = build_optimizer(model, config.optim, device, fused)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     monitor = GradientMonitor(model) if s.grad_norms else None
     parts = TrainingParts(model, optimizer, scaler)

@@ -317,7 +317,6 @@ class Trainer:
             self.stats.knn_init = init
 
     def _train_loop(self, log: Log) -> None:
-        spe, batch = self.schedules.steps_per_epoch, self.config.train.batch_size
         self.model.train()
         window: list[float] = []
         if (start := self._monitor(log)) is not None:
@@ -327,35 +326,11 @@ class Trainer:
             tic = time.perf_counter()
             result = self.take_step(self.step)
             elapsed = time.perf_counter() - tic
-            self.stats.train_seconds += elapsed
-            self.stats.loss = result.loss
-            if result.skipped:
-                self.stats.skipped_steps += 1
-                self.progress.message(f"warning: skipped the step: {result.nonfinite}")
-                log.log("skipped", self.step + 1, reason=result.nonfinite)
-            self.watch.observe_step(self.step + 1, result.loss, result.grad_norms, log)
             window = (window + [elapsed])[-20:]
-            per_step = sum(window) / len(window)
-            values = {
-                "loss": result.loss,
-                "lr": float(self.schedules.lr[self.step]),
-                "momentum": float(self.schedules.momentum[self.step]),
-                "images_per_second": batch / per_step,
-            }
-            if (self.step + 1) % self.config.train.log_every == 0 or self.step == 0:
-                log.log("train", self.step + 1, epoch=(self.step + 1) / spe, **values)
-            fields = _progress_fields(values, self.step, spe, self.stats.last_knn, self.detector)
-            self.progress.update(self.step, fields, per_step)
-            self.step += 1
-            self._maybe_replan(log)
-            out_of_time = self._agree_out_of_time()
-            if out_of_time:
-                self._budget_stop = True
-                self.progress.message(
-                    f"time budget reached after step {self.step} of "
-                    f"{self.schedules.total_steps} planned (the machine ran slower than "
-                    "measured); evaluating now"
-                )
+            tic = time.perf_counter()
+            out_of_time = self._after_step(result, sum(window) / len(window), log)
+            self.stats.train_seconds += elapsed
+            self.stats.loop_seconds += time.perf_counter() - tic  # summary.json's overhead
             tic = time.perf_counter()
             self._maybe_checkpoint()
             self._overhead += time.perf_counter() - tic  # the budget counts it apart
@@ -365,6 +340,38 @@ class Trainer:
             if (monitored := self._monitor(log)) is not None:
                 self.stats.last_knn = monitored["knn_top1"]
                 self.stats.monitor_seconds += time.perf_counter() - tic
+
+    def _after_step(self, result: StepResult, per_step: float, log: Log) -> bool:
+        """The loop's bookkeeping after a step: counts, the stability watch, the log and the
+        progress line, the budget's re-plan; True when the time budget has run out."""
+        spe, batch = self.schedules.steps_per_epoch, self.config.train.batch_size
+        self.stats.loss = result.loss
+        if result.skipped:
+            self.stats.skipped_steps += 1
+            self.progress.message(f"warning: skipped the step: {result.nonfinite}")
+            log.log("skipped", self.step + 1, reason=result.nonfinite)
+        self.watch.observe_step(self.step + 1, result.loss, result.grad_norms, log)
+        values = {
+            "loss": result.loss,
+            "lr": float(self.schedules.lr[self.step]),
+            "momentum": float(self.schedules.momentum[self.step]),
+            "images_per_second": batch / per_step,
+        }
+        if (self.step + 1) % self.config.train.log_every == 0 or self.step == 0:
+            log.log("train", self.step + 1, epoch=(self.step + 1) / spe, **values)
+        fields = _progress_fields(values, self.step, spe, self.stats.last_knn, self.detector)
+        self.progress.update(self.step, fields, per_step)
+        self.step += 1
+        self._maybe_replan(log)
+        out_of_time = self._agree_out_of_time()
+        if out_of_time:
+            self._budget_stop = True
+            self.progress.message(
+                f"time budget reached after step {self.step} of "
+                f"{self.schedules.total_steps} planned (the machine ran slower than "
+                "measured); evaluating now"
+            )
+        return out_of_time
 
     def _monitor(self, log: Log) -> dict[str, float] | None:
         """The kNN monitor on its subset when due (see :class:`KnnMonitor`)."""

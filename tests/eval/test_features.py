@@ -23,11 +23,12 @@ def small_vit(depth: int = 5) -> VisionTransformer:
 
 
 def block_outputs(vit: VisionTransformer, images: torch.Tensor) -> list[torch.Tensor]:
-    """Every block's output, caught by forward hooks on the plain forward pass."""
+    """Every block's output, caught by forward hooks on the every-token forward pass (the
+    plain forward's last block computes the class token alone)."""
     caught: list[torch.Tensor] = []
     hooks = [b.register_forward_hook(lambda m, i, o: caught.append(o)) for b in vit.blocks]
     try:
-        vit(images)
+        vit.forward_tokens(images)
     finally:
         for hook in hooks:
             hook.remove()

@@ -161,7 +161,6 @@ def test_concatenated_views_equal_per_view():
     loss_split = model(x1, x2, momentum=0.99)
     loss_split.backward()
     torch.testing.assert_close(loss_concat, loss_split, atol=1e-5, rtol=1e-5)
-    for name, grad in grads_concat.items():
-        torch.testing.assert_close(
-            grad, dict(model.named_parameters())[name].grad, atol=1e-5, rtol=1e-4
-        )
+    for name, grad in grads_concat.items():  # to rounding, relative to the largest entry
+        split = dict(model.named_parameters())[name].grad
+        assert (grad - split).abs().max() <= 1e-4 * split.abs().max() + 1e-7, name

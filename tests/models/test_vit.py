@@ -6,7 +6,13 @@ import pytest
 import timm
 import torch
 
-from mocov3.models.vit import TokenBatchNorm, VisionTransformer, sincos_position_table
+from mocov3.models.vit import (
+    TokenBatchNorm,
+    VisionTransformer,
+    set_attention_kernel,
+    sincos_position_table,
+    uses_explicit_attention,
+)
 
 
 def _pair(pos_embed: str, img_size: int = 32, patch: int = 4, in_chans: int = 3):
@@ -167,3 +173,60 @@ def test_vit_bn_in_eval_mode_gives_each_image_the_same_feature_in_any_batch():
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
     vit.train()  # in train mode, the batch's statistics: another batch, another feature
     assert not torch.allclose(vit(images)[:3], vit(images[:3]), atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "explicit"])
+def test_every_attention_kernel_computes_the_same_function(kernel: str) -> None:
+    torch.manual_seed(0)
+    model = VisionTransformer(
+        img_size=28, patch_size=7, in_chans=1, embed_dim=64, depth=2, num_heads=4
+    )
+    x = torch.randn(3, 1, 28, 28)
+    expected = model(x)
+    expected.sum().backward()
+    grad = model.blocks[0].attn.qkv.weight.grad.clone()
+    model.zero_grad()
+    assert set_attention_kernel(model, kernel) == 2
+    out = model(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight.grad, grad, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="must be one of"):
+        set_attention_kernel(model, "flash")
+
+
+def test_auto_attention_picks_the_explicit_ops_for_bf16_on_a_cpu_only() -> None:
+    q = torch.zeros(1, 1, 2, 4)
+    assert uses_explicit_attention("auto", q.bfloat16())
+    assert not uses_explicit_attention("auto", q)
+    assert uses_explicit_attention("explicit", q) and not uses_explicit_attention(
+        "sdpa", q.bfloat16()
+    )
+
+
+def test_the_class_token_only_last_block_is_the_same_function() -> None:
+    """The last block's other tokens are never read: skipping them changes no output and no
+    gradient (a random readout of the feature, so the gradients are not ~0 as for a sum of a
+    LayerNorm's outputs)."""
+    torch.manual_seed(0)
+    model = VisionTransformer(
+        img_size=16, patch_size=4, in_chans=3, embed_dim=48, depth=3, num_heads=3
+    )
+    x, readout = torch.randn(4, 3, 16, 16), torch.randn(4, 48)
+    results = []
+    for shortcut in (True, False):
+        model.zero_grad()
+        model.class_token_only_last_block = shortcut
+        out = model(x)
+        (out * readout).sum().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((out.detach(), grads))
+    (short, short_grads), (full, full_grads) = results
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full, model.forward_tokens(x)[:, 0].detach(), rtol=0, atol=0)
+    assert short_grads.keys() == full_grads.keys()
+    for name, grad in full_grads.items():  # to rounding, relative to the tensor's largest
+        assert (short_grads[name] - grad).abs().max() <= 1e-4 * grad.abs().max(), name
+    # ViT-BN's MLP norm takes statistics over every token, so it keeps the whole block
+    assert not VisionTransformer(img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=3,
+                                 mlp_norm="batchnorm").class_token_only_last_block  # fmt: skip

@@ -1,7 +1,9 @@
-"""A fixed-seed tiny run reproduces, bit for bit, the run recorded before issue 27's
-redesign (golden_tiny_run.json: commit 759c49f, 2026-12-06): the same loss at every step,
-the same final weights, the same checkpoint layout, resolved config, summary keys and
-metric kinds. A refactor that changes what training computes fails here.
+"""A fixed-seed tiny run reproduces, bit for bit, the recorded run (golden_tiny_run.json,
+whose ``recorded`` says when and why): the same loss at every step, the same final weights,
+the same checkpoint layout, resolved config, summary keys and metric kinds. A refactor that
+changes what training computes fails here; a change meant to (a faster kernel's rounding)
+re-records it with docs/experiments/scripts/record_golden_tiny_run.py, which prints the old
+and new losses side by side.
 
 The run goes through the real command in a subprocess with one thread, fp32 and the CPU
 kernels pinned to AVX2 (PyTorch's own kernels, MKL and oneDNN), so that the bits do not
