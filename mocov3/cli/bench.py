@@ -13,24 +13,40 @@ from mocov3.tools import bench
 from mocov3.tools.bench import DEFAULT_CONFIG, BenchSettings, run_bench
 from mocov3.tools.pipeline import run_bench_with_input
 
+VERDICT_MARKS = {"faster": "faster", "slower": "slower", "within noise": "~noise"}
 COLUMNS = (
-    ("row", "name", "<30", "{}"),
+    ("row", "name", "<34", "{}"),
     ("batch", "batch", ">5", "{}"),
     ("steps", "steps", ">5", "{}"),
-    ("img/s", "images_per_second", ">8", "{:.1f}"),
-    ("step ms", "step_ms", ">9", "{:.1f}"),
-    ("aug ms", "augmentation_ms", ">8", "{:.1f}"),
+    ("img/s", "images_per_second", ">7", "{:.1f}"),
+    ("min-max", None, ">13", ""),
+    ("step ms", "step_ms", ">8", "{:.0f}"),
     ("aug %", "augmentation_share", ">6", "{:.1%}"),
-    ("mem MiB", "peak_memory_mib", ">8", "{:.0f}"),
-    ("GFLOP/s", "achieved_gflops", ">8", "{:.1f}"),
+    ("mem MiB", "peak_memory_mib", ">7", "{:.0f}"),
+    ("GFLOP/s", "achieved_gflops", ">7", "{:.1f}"),
     ("MFU", "mfu", ">6", "{:.1%}"),
-    ("MFU best", "mfu_vs_best_peak", ">8", "{:.1%}"),
-    ("speedup", "speedup_vs_baseline", ">7", "{:.2f}x"),
+    ("vs its base", None, ">14", ""),
+    ("vs first row", None, ">14", ""),
 )
 
 
+def _cell(row: dict[str, Any], title: str, key: str | None, fmt: str) -> str:
+    if title == "min-max":
+        return f"{row['images_per_second_min']:.1f}-{row['images_per_second_max']:.1f}"
+    if title == "vs its base":
+        return _ratio(row["vs_previous_ratio"], row["vs_previous"])
+    if title == "vs first row":
+        return _ratio(row["speedup_vs_baseline"], row["vs_baseline"])
+    value = row[key] if key else None
+    return "-" if value is None else fmt.format(value)
+
+
+def _ratio(ratio: float, standing: str) -> str:
+    return f"{ratio:.2f}x {VERDICT_MARKS[standing]}"
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """The human-readable report: machine, peaks, FLOPs, one line per row, the headline."""
+    """The human-readable report: machine, peaks, FLOPs, one line per row, the verdicts."""
     machine = result["machine"]
     peaks = ", ".join(
         f"{name} {peak['gflops']:.1f} GFLOP/s ({peak['op']} n={peak['size']})"
@@ -44,22 +60,28 @@ def format_table(result: dict[str, Any]) -> str:
         f"matmul peak (best of before and after the rows): {peaks}",
         f"FLOPs per image (fwd + bwd, torch.utils.flop_counter): "
         f"{result['flops_per_image'] / 1e9:.3f} GFLOP",
-        f"mem: {result['memory']}; MFU: vs the row's precision peak; MFU best: vs the fastest",
+        f"rows timed in {result['rounds']} interleaved rounds; img/s is the median step, "
+        "min-max the range; a row is faster or slower only where the ranges do not overlap",
+        f"mem: {result['memory']}; MFU: vs the row's precision peak",
         "",
         " ".join(f"{title:{align}}" for title, _, align, _ in COLUMNS),
     ]
     for row in result["rows"]:
-        cells = [
-            f"{'-' if row[key] is None else fmt.format(row[key]):{align}}"
-            for _, key, align, fmt in COLUMNS
-        ]
+        cells = [f"{_cell(row, title, key, fmt):{align}}" for title, key, align, fmt in COLUMNS]
         lines.append(" ".join(cells) + (f"  [{row['note']}]" if row["note"] else ""))
+    best = next(row for row in result["rows"] if row["name"] == result["best_row"])
     lines += [
         "",
-        f"best: {result['best_row']}: {result['images_per_second']:.1f} img/s, MFU "
-        f"{result['mfu']:.1%}, {result['speedup_vs_baseline']:.2f}x the baseline, "
-        f"augmentation {result['augmentation_share']:.1%} of the step",
+        f"best: {result['best_row']}: {result['images_per_second']:.1f} img/s "
+        f"({best['images_per_second_min']:.1f}-{best['images_per_second_max']:.1f}), MFU "
+        f"{result['mfu']:.1%}, {_ratio(result['speedup_vs_baseline'], result['vs_baseline'])}"
+        f" against {result['baseline_row']}, augmentation {result['augmentation_share']:.1%}"
+        " of the step",
     ]
+    if (pair := result["training_path_vs_straightforward"]) is not None:
+        standing = _ratio(pair["ratio"], pair["verdict"])
+        lines.append(f"training path vs straightforward step (same math): {standing}")
+    lines.append("ranking: " + " > ".join(result["ranking"]))
     if "bound" in result:
         lines += [
             f"input: {result['input_dataset']} ({result['input_images']} images, decode "
@@ -96,6 +118,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         compile=args.compile,
         channels_last=args.channels_last,
         skip_slow=args.skip_slow,
+        reference_workers=args.reference_workers,
     )
     progress = (lambda line: None) if args.quiet else _progress
     if args.data:
@@ -121,13 +144,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     add_set_arg(parser, "override any config key, e.g. --set train.batch_size=128")
     parser.add_argument(
-        "--steps", type=int, help="timed steps per row (default: as many as fit in --seconds)"
+        "--steps",
+        type=int,
+        help="timed rounds, one step of every row each (default: at least 5, and more until "
+        "every row has --seconds of timed steps)",
     )
     parser.add_argument(
         "--seconds",
         type=float,
         default=10.0,
-        help="timed seconds per row when --steps is not given (default 10)",
+        help="timed seconds each row reaches when --steps is not given (default 10)",
     )
     parser.add_argument("--warmup", type=int, help="untimed steps per row (default 1, CUDA 3)")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default train.device)")
@@ -140,12 +166,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="add the fastest row again with torch.compile'd backbones",
+        help="add a row with torch.compile'd backbones (on top of the fastest precision)",
     )
     parser.add_argument(
         "--channels-last",
         action="store_true",
-        help="add the fastest row again with channels_last tensors",
+        help="add a row with channels_last tensors (on top of the row before)",
+    )
+    parser.add_argument(
+        "--reference-workers",
+        type=int,
+        help="DataLoader workers of the reference row's per-image augmentation (default: "
+        "half the CPU cores, 1 to 4)",
     )
     parser.add_argument(
         "--skip-slow",

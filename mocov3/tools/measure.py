@@ -60,29 +60,31 @@ def release_free_memory() -> None:
 
 
 class PeakMemory:
-    """Peak memory of a block: CUDA's max_memory_allocated, or on the CPU the peak growth of
-    the RSS over its value at the start, sampled by a thread (the allocator has no counter)."""
+    """Peak memory a block adds to what was in use when it started: the growth of CUDA's
+    max_memory_allocated, or on the CPU the peak growth of the RSS, sampled by a thread (the
+    allocator has no counter)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.kind = (
-            "CUDA max_memory_allocated"
+            "growth of CUDA max_memory_allocated"
             if device.type == "cuda"
             else f"peak RSS growth (/proc/self/statm every {RSS_SAMPLE_SECONDS * 1e3:g} ms)"
         )
         self.peak_bytes: int | None = None
         self._stop = threading.Event()
-        self._start_rss = 0
+        self._start_bytes = 0
 
     def __enter__(self) -> PeakMemory:
         release_free_memory()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._start_bytes = torch.cuda.memory_allocated(self.device)
             return self
         start = resident_bytes()
         if start is not None:
-            self._start_rss = self.peak_bytes = start
+            self._start_bytes = self.peak_bytes = start
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
@@ -98,12 +100,13 @@ class PeakMemory:
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.peak_bytes = peak - self._start_bytes
         elif self.peak_bytes is not None:
             self._stop.set()
             self._thread.join()
             self._record()
-            self.peak_bytes -= self._start_rss
+            self.peak_bytes -= self._start_bytes
 
     @property
     def mib(self) -> float | None:

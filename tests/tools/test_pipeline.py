@@ -19,7 +19,7 @@ from mocov3.tools.pipeline import bound, measure_input
 ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 IMAGES = 40
-# the small settings of tests/tools/test_bench.py: the tiny preset, batch 16, one step a row
+# small settings: the tiny preset, batch 16, one round of steps
 BENCH = [
     "bench",
     "--config",
@@ -66,9 +66,12 @@ def test_bench_with_data_reports_the_input_rate_and_the_bound(folder: Path, caps
     result = json.loads(out[-1])
     # the step part is the ordinary bench, on the preset with data.name set
     assert [row["name"] for row in result["rows"]] == [
-        "baseline fp32 per-view tv",
-        "fp32 per-view",
-        "fp32 concat",
+        "reference (mirrored)",
+        "straightforward fp32",
+        "training path fp32",
+        "+ fused AdamW",
+        "+ class token only",
+        "+ concat views",
     ]
     assert f"data.name=folder:{folder}" in result["overrides"]
     # the input part
