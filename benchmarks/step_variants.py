@@ -5,12 +5,13 @@ Usage:
         [--variant NAME KEY=VALUE ...] ...
 
 Each variant is the preset with its overrides (none: the preset itself). Every variant
-builds a real Trainer on the preset's data and times full training steps (batched
-augmentation, both encoders, EMA, backward, AdamW) after two untimed ones; the variants run
-one after another in the same process, so the ratios between them (images per second, so
-that variants with another batch size compare too) are what to read, not the absolute
-numbers (this 2-core machine's speed wanders by about 15%). This is how the
-demo's model was picked at a fixed CPU budget (docs/experiments/results.md).
+builds a real Trainer on the preset's data and runs two untimed steps; then the variants'
+timed steps (batched augmentation, both encoders, EMA, backward, AdamW) run interleaved in
+rounds, one step of each per round (mocov3.tools.rounds), so that this 2-core machine's
+drift (about 15%) hits every variant alike. Each variant reports the median and min-max of
+its images per second (variants with another batch size compare too); a variant is faster
+than the first only when the ranges do not overlap. This is how the demo's model was picked
+at a fixed CPU budget (docs/experiments/results.md).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tempfile
 import time
 
 from mocov3.config import load_config
+from mocov3.tools.rounds import run_rounds, verdict
 from mocov3.train.trainer import Trainer
 
 DEFAULT_VARIANTS = {
@@ -34,22 +36,28 @@ DEFAULT_VARIANTS = {
 TIMING = ["train.budget_minutes=null", "eval.knn_init=false", "eval.monitor_every=0"]
 
 
-def step_seconds(config_path: str, overrides: list[str], steps: int) -> tuple[float, int]:
-    """(seconds per training step, the batch size it ran) for the preset with overrides."""
-    config = load_config(config_path, [*overrides, *TIMING, "data.subset=8192"])
-    with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(config, out, overwrite=True)
-        trainer.close()  # the input pipeline __init__ made, replaced by one for these steps
-        trainer.batches = trainer._batch_source(0, steps + 2)
-        try:
-            trainer.take_step(0)
-            trainer.take_step(1)
-            tic = time.perf_counter()
-            for step in range(2, steps + 2):
-                trainer.take_step(step)
-            return (time.perf_counter() - tic) / steps, config.train.batch_size
-        finally:
-            trainer.close()
+class VariantStep:
+    """A real Trainer for the preset with ``overrides``, warmed by two steps; called with a
+    step number it takes that step and returns (0, its seconds), as the rounds expect."""
+
+    def __init__(self, config_path: str, overrides: list[str], steps: int) -> None:
+        config = load_config(config_path, [*overrides, *TIMING, "data.subset=8192"])
+        self.batch = config.train.batch_size
+        self.out = tempfile.TemporaryDirectory()
+        self.trainer = Trainer(config, self.out.name, overwrite=True)
+        self.trainer.close()  # the input pipeline __init__ made, replaced by one for these steps
+        self.trainer.batches = self.trainer._batch_source(0, steps + 2)
+        self.trainer.take_step(0)
+        self.trainer.take_step(1)
+
+    def __call__(self, step: int) -> tuple[float, float]:
+        tic = time.perf_counter()
+        self.trainer.take_step(step)
+        return 0.0, time.perf_counter() - tic
+
+    def close(self) -> None:
+        self.trainer.close()
+        self.out.cleanup()
 
 
 def main() -> None:
@@ -64,21 +72,26 @@ def main() -> None:
         if len(set(names)) < len(names):
             parser.error(f"variant names must differ (they key the results): {names}")
         variants = {name: list(sets) for name, *sets in args.variant}
-    rows: dict[str, dict] = {}
-    speeds: dict[str, float] = {}  # images per second, unrounded
-    for name, overrides in variants.items():
-        # per variant: a variant may change the batch size, and speed is images per second
-        seconds, batch = step_seconds(args.config, overrides, args.steps)
-        speeds[name] = batch / seconds
+    built = {name: VariantStep(args.config, sets, args.steps) for name, sets in variants.items()}
+    try:
+        timings = run_rounds(list(built.values()), 2, args.steps, 0.0)
+    finally:
+        for step in built.values():
+            step.close()
+    rates = {name: t.rates(built[name].batch) for name, t in zip(built, timings, strict=True)}
+    first = next(iter(rates.values()))
+    rows = {}
+    for name, rate in rates.items():
         rows[name] = {
-            "batch_size": batch,
-            "step_seconds": round(seconds, 4),
-            "images_per_second": round(speeds[name]),
+            "batch_size": built[name].batch,
+            "images_per_second": round(rate.median),
+            "images_per_second_range": [round(rate.low), round(rate.high)],
+            "speed_vs_first": round(rate.median / first.median, 2),
+            "vs_first": verdict(rate, first),
         }
-        print(f"{name:32s} {seconds:.3f} s/step  {speeds[name]:6.0f} img/s", flush=True)
-    first = next(iter(speeds.values()))
-    for name, row in rows.items():
-        row["speed_vs_first"] = round(speeds[name] / first, 2)
+        ratio, standing = rows[name]["speed_vs_first"], rows[name]["vs_first"]
+        spread = f"{rate.median:6.0f} img/s ({rate.low:.0f}-{rate.high:.0f})"
+        print(f"{name:36s} {spread} {ratio:.2f}x {standing}", flush=True)
     print(json.dumps(rows))
 
 

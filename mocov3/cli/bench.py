@@ -59,7 +59,9 @@ def format_table(result: dict[str, Any]) -> str:
         f"{machine['threads']} CPU threads, device {machine['device']}",
         f"matmul peak (best of before and after the rows): {peaks}",
         f"FLOPs per image (fwd + bwd, torch.utils.flop_counter): "
-        f"{result['flops_per_image'] / 1e9:.3f} GFLOP",
+        f"{result['flops_per_image'] / 1e9:.3f} GFLOP, "
+        f"{result['flops_per_image_every_token'] / 1e9:.3f} with the last block over every "
+        "token (the reference and the rows before 'class token only'); MFU counts each row's",
         f"rows timed in {result['rounds']} interleaved rounds; img/s is the median step, "
         "min-max the range; a row is faster or slower only where the ranges do not overlap",
         f"mem: {result['memory']}; MFU: vs the row's precision peak",

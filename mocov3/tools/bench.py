@@ -59,12 +59,21 @@ class BuiltRow:
 
 
 def step_flops_per_image(
-    config: Config, channels: int, device: torch.device, batch: int = FLOP_COUNT_BATCH
+    config: Config,
+    channels: int,
+    device: torch.device,
+    batch: int = FLOP_COUNT_BATCH,
+    every_token: bool = False,
 ) -> float:
     """Forward (query and momentum encoders, both views) plus backward FLOPs of one fp32
-    step, per image. The optimiser and the EMA are elementwise and not counted."""
+    step, per image. The optimiser and the EMA are elementwise and not counted.
+    ``every_token``: with the ViT's last block over every token, as the reference runs it."""
     torch.manual_seed(config.train.seed)
     model = build_moco(config, channels).to(device)
+    if every_token:
+        for backbone in (model.backbone, model.momentum_backbone):
+            if hasattr(backbone, "class_token_only_last_block"):
+                backbone.class_token_only_last_block = False
     size = config.data.image_size
     x1, x2 = (torch.randn(batch, channels, size, size, device=device) for _ in range(2))
 
@@ -161,11 +170,19 @@ def row_result(row: BuiltRow, timing: Timings, bench: Bench) -> dict[str, Any]:
         "augmentation_ms": round(1e3 * inputs.median, 2),
         "augmentation_share": round(sum(timing.input_seconds) / sum(timing.step_seconds), 4),
         "peak_memory_mib": None if row.memory_mib is None else round(row.memory_mib, 1),
-        "achieved_gflops": round(rates.median * bench.flops_per_image / 1e9, 2),
+        "flops_per_image": round(row_flops(spec, bench)),
+        "achieved_gflops": round(rates.median * row_flops(spec, bench) / 1e9, 2),
         "reduced_batch": batch < bench.config.train.batch_size,
         "note": row.note,
         "warmup_seconds": round(row.warmup_seconds, 2),
     }
+
+
+def row_flops(spec: RowSpec, bench: Bench) -> float:
+    """The FLOPs per image the row executes: a row whose ViT runs its last block over every
+    token (the reference's, the first rows) does more than the trainer's step."""
+    every_token = spec.step == "reference" or not spec.class_token_only
+    return bench.flops_every_token if every_token else bench.flops_per_image
 
 
 def add_efficiency(row: dict[str, Any], bench: Bench) -> None:
@@ -262,6 +279,7 @@ def summary(
         "rounds": min(row["steps"] for row in rows),
         "interleaved": True,
         "flops_per_image": round(bench.flops_per_image),
+        "flops_per_image_every_token": round(bench.flops_every_token),
         "peaks": {k: v | {"gflops": round(v["gflops"], 2)} for k, v in bench.peaks.items()},
         "rows": rows,
         "memory": PeakMemory(bench.device).kind,
@@ -370,6 +388,7 @@ def prepare(settings: BenchSettings, progress: Callable[[str], None]) -> Bench:
     progress("counting FLOPs")
     count_batch = min(config.train.batch_size, FLOP_COUNT_BATCH)
     bench.flops_per_image = step_flops_per_image(config, channels, device, count_batch)
+    bench.flops_every_token = step_flops_per_image(config, channels, device, count_batch, True)
     progress("measuring matmul peaks")
     bench.tf32 = set_tf32(config.train.tf32, device)
     bench.peaks = measure_peaks(precisions, device, bench.tf32, settings.peak_seconds)

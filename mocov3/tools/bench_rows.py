@@ -75,7 +75,8 @@ class Bench:
     channels: int
     images: torch.Tensor  # uint8 [B, C, S, S] on the CPU (the reference row's input)
     images_on_device: torch.Tensor
-    flops_per_image: float = 0.0
+    flops_per_image: float = 0.0  # the trainer's step (the last block: class token only)
+    flops_every_token: float = 0.0  # with the last block over every token (the reference)
     peaks: dict[str, dict[str, Any]] = field(default_factory=dict)
     steps: int | None = None  # timed rounds; None: as many as fit in ``seconds``
     warmup: int = 1

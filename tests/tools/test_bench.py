@@ -47,6 +47,7 @@ def test_bench_runs_on_a_tiny_preset_and_emits_the_json_fields(capsys) -> None:
     assert result["images_per_second_min"] <= result["images_per_second"]
     assert result["images_per_second"] <= result["images_per_second_max"]
     assert 0.0 <= result["augmentation_share"] <= 1.0
+    assert result["flops_per_image_every_token"] > result["flops_per_image"]
     for key in ("rows", "peaks", "flops_per_image", "device", "config", "date", "ranking"):
         assert key in result, key
     names = [row["name"] for row in result["rows"]]
@@ -157,6 +158,20 @@ def test_flops_per_image_grow_by_a_hand_counted_block_per_unit_of_depth() -> Non
     per_view = (3 * linear + 3.5 * attention) + (linear + attention)
     assert counts[1] - counts[0] == pytest.approx(2 * per_view, rel=1e-6)
     assert counts[2] - counts[1] == pytest.approx(2 * per_view, rel=1e-6)
+
+
+def test_the_class_token_only_last_block_saves_the_hand_counted_flops() -> None:
+    """Per view, the last block skips the other T - 1 tokens' query, attention output, proj
+    and MLP: 20 (T - 1) d^2 of linears and 4 (T - 1) T d of attention forward; the query
+    encoder counts them 3x and 3.5x (backward), the momentum encoder once."""
+    config = load_config("configs/tiny.yaml")
+    cpu = torch.device("cpu")
+    every = bench.step_flops_per_image(config, 1, cpu, batch=4, every_token=True)
+    short = bench.step_flops_per_image(config, 1, cpu, batch=4)
+    dim, tokens = resolve_model_dims(config.model)[0], (28 // 7) ** 2 + 1
+    linear, attention = 20 * (tokens - 1) * dim**2, 4 * (tokens - 1) * tokens * dim
+    saved = 2 * ((3 + 1) * linear + (3.5 + 1) * attention)
+    assert every - short == pytest.approx(saved, rel=1e-6)
 
 
 def test_peak_memory_sees_an_allocation_on_the_cpu() -> None:
