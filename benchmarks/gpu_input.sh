@@ -15,6 +15,6 @@ nvidia-smi -L
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 test -d "$DATA" || python3 benchmarks/imagenet_like.py --out "$DATA" --train 4000 --val 100 --jobs "$(nproc)"
 common=(--config configs/vit_small_imagenet.yaml --set train.batch_size=256 --set data.channels=3
-  --precision bf16 --steps 10 --seconds 20 --device cuda --json --quiet --data "folder:$DATA")
+  --precision bf16 --steps 5 --device cuda --json --quiet --data "folder:$DATA")
 python3 -m mocov3 bench "${common[@]}" | tee "$OUTDIR/cpu_decode.txt"
 python3 -m mocov3 bench "${common[@]}" --set data.decode=gpu | tee "$OUTDIR/gpu_decode.txt"

@@ -72,13 +72,14 @@ def format_table(result: dict[str, Any]) -> str:
         cells = [f"{_cell(row, title, key, fmt):{align}}" for title, key, align, fmt in COLUMNS]
         lines.append(" ".join(cells) + (f"  [{row['note']}]" if row["note"] else ""))
     best = next(row for row in result["rows"] if row["name"] == result["best_row"])
+    low, high = result["speedup_vs_baseline_by_round"]
     lines += [
         "",
         f"best: {result['best_row']}: {result['images_per_second']:.1f} img/s "
         f"({best['images_per_second_min']:.1f}-{best['images_per_second_max']:.1f}), MFU "
         f"{result['mfu']:.1%}, {_ratio(result['speedup_vs_baseline'], result['vs_baseline'])}"
-        f" against {result['baseline_row']}, augmentation {result['augmentation_share']:.1%}"
-        " of the step",
+        f" against {result['baseline_row']} (round by round {low:.2f}-{high:.2f}x), "
+        f"augmentation {result['augmentation_share']:.1%} of the step",
     ]
     if (pair := result["training_path_vs_straightforward"]) is not None:
         standing = _ratio(pair["ratio"], pair["verdict"])

@@ -12,6 +12,10 @@ tokens of the batch (class token included), with statistics over the global batc
 DDP (:class:`TokenBatchNorm`). Attention keeps its LayerNorm, and so does the final norm
 that the feature is read after.
 
+Two speed choices keep the function (to rounding): ``forward``'s last block computes the
+class token alone, the only output read (:func:`set_class_token_only`), and each attention
+layer picks its kernel by dtype and device (:func:`set_attention_kernel`).
+
 Parameter names and shapes equal timm's ``VisionTransformer`` (``patch_embed.proj``,
 ``cls_token``, ``pos_embed``, ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``,
 ``norm``) so a state dict loads into timm with ``strict=True``.
@@ -309,3 +313,12 @@ class VisionTransformer(nn.Module):
             return self.forward_tokens(x)[:, 0]
         x = self.blocks[:-1](self.embed_tokens(x))
         return self.norm(self.blocks[-1].forward_first_token(x))[:, 0]
+
+
+def set_class_token_only(model: nn.Module, enabled: bool) -> int:
+    """Turn the class-token-only last block on or off in every ViT in ``model`` (never on
+    for ViT-BN, where it would change the MLP norm's statistics); returns how many ViTs."""
+    vits = [module for module in model.modules() if isinstance(module, VisionTransformer)]
+    for vit in vits:
+        vit.class_token_only_last_block = enabled and vit.mlp_norm == "layernorm"
+    return len(vits)

@@ -31,6 +31,7 @@ from mocov3.config import Config, is_resnet_arch, load_config, resolve_model_dim
 from mocov3.data.datasets import default_channels
 from mocov3.errors import ConfigError
 from mocov3.models.moco import build_moco
+from mocov3.models.vit import set_class_token_only
 from mocov3.runtime.device import resolve_device
 from mocov3.runtime.performance import set_tf32
 from mocov3.tools.bench_rows import Bench, RowSpec, build_step, ladder, row_batches
@@ -71,9 +72,7 @@ def step_flops_per_image(
     torch.manual_seed(config.train.seed)
     model = build_moco(config, channels).to(device)
     if every_token:
-        for backbone in (model.backbone, model.momentum_backbone):
-            if hasattr(backbone, "class_token_only_last_block"):
-                backbone.class_token_only_last_block = False
+        set_class_token_only(model, False)
     size = config.data.image_size
     x1, x2 = (torch.randn(batch, channels, size, size, device=device) for _ in range(2))
 
@@ -205,12 +204,24 @@ def compare(row: dict[str, Any], other: dict[str, Any]) -> tuple[float, str]:
     return round(ratio, 3), verdict(rate_spread(row), rate_spread(other))
 
 
+def round_ratios(row: dict[str, Any], other: dict[str, Any]) -> list[float]:
+    """[lowest, highest] over the rounds of ``row``'s images/s over ``other``'s in the same
+    round: the two steps of a round ran a few seconds apart, so this ratio sees little of
+    the drift that widens each row's own range."""
+    ratios = [
+        (row["batch"] / mine) / (other["batch"] / theirs)
+        for mine, theirs in zip(row["step_seconds"], other["step_seconds"], strict=True)
+    ]
+    return [round(min(ratios), 3), round(max(ratios), 3)]
+
+
 def add_comparisons(rows: list[dict[str, Any]]) -> None:
     """Each row against the baseline (the first row: the mirrored reference where there is
     one) and against its base row (the gain of the row's own lever), and its rank."""
     baseline, by_name = rows[0], {row["name"]: row for row in rows}
     for index, row in enumerate(rows):
         row["speedup_vs_baseline"], row["vs_baseline"] = compare(row, baseline)
+        row["speedup_vs_baseline_by_round"] = round_ratios(row, baseline)
         # a base row left out (an emulated precision, a compiler missing): the row before
         before = by_name.get(row["base"], rows[index - 1] if index else row)
         row["vs_previous_ratio"], row["vs_previous"] = compare(row, before)
@@ -271,6 +282,7 @@ def summary(
         "mfu_vs_best_peak": best["mfu_vs_best_peak"],
         "speedup_vs_baseline": best["speedup_vs_baseline"],
         "vs_baseline": best["vs_baseline"],
+        "speedup_vs_baseline_by_round": best["speedup_vs_baseline_by_round"],
         "augmentation_share": best["augmentation_share"],
         "best_row": best["name"],
         "baseline_row": baseline["name"],

@@ -31,7 +31,7 @@ from mocov3.config import Config, is_resnet_arch
 from mocov3.data.augment import TwoViewAugment
 from mocov3.data.counters import sample_keys
 from mocov3.models.moco import build_moco
-from mocov3.models.vit import set_attention_kernel
+from mocov3.models.vit import set_attention_kernel, set_class_token_only
 from mocov3.optim.optimizers import build_optimizer
 from mocov3.optim.schedules import scaled_lr
 from mocov3.runtime.performance import apply_memory_format, compile_backbones, to_memory_format
@@ -181,14 +181,11 @@ class OurStep:
 
     def __init__(self, bench: Bench, spec: RowSpec, batch: int) -> None:
         config = row_config(bench.config, spec)
-        self.device, self.precision, self.plain = bench.device, spec.precision, spec.step
+        self.device, self.precision = bench.device, spec.precision
         torch.manual_seed(config.train.seed)  # the same initial weights in every row
         model = build_moco(config, bench.channels).to(bench.device)
         set_attention_kernel(model, spec.attention)
-        if not spec.class_token_only:  # the whole last block, as the reference computes it
-            for backbone in (model.backbone, model.momentum_backbone):
-                if hasattr(backbone, "class_token_only_last_block"):
-                    backbone.class_token_only_last_block = False
+        set_class_token_only(model, spec.class_token_only)
         self.model = apply_memory_format(model, config.train)
         compile_backbones(self.model, config.train)
         self.lr = scaled_lr(config.optim.base_lr, batch)

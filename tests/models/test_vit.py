@@ -10,6 +10,7 @@ from mocov3.models.vit import (
     TokenBatchNorm,
     VisionTransformer,
     set_attention_kernel,
+    set_class_token_only,
     sincos_position_table,
     uses_explicit_attention,
 )
@@ -227,6 +228,7 @@ def test_the_class_token_only_last_block_is_the_same_function() -> None:
     assert short_grads.keys() == full_grads.keys()
     for name, grad in full_grads.items():  # to rounding, relative to the tensor's largest
         assert (short_grads[name] - grad).abs().max() <= 1e-4 * grad.abs().max(), name
+    assert set_class_token_only(model, False) == 1 and not model.class_token_only_last_block
     # ViT-BN's MLP norm takes statistics over every token, so it keeps the whole block
     assert not VisionTransformer(img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=3,
                                  mlp_norm="batchnorm").class_token_only_last_block  # fmt: skip

@@ -76,7 +76,15 @@ def test_bench_runs_on_a_tiny_preset_and_emits_the_json_fields(capsys) -> None:
         assert 0 < row["augmentation_ms"] < row["step_ms"]
         assert row["mfu_vs_best_peak"] <= row["mfu"] + 1e-9
         assert row["vs_previous"] in VERDICTS and row["vs_baseline"] in VERDICTS
-    lever = result["rows"][5]  # bf16, compared with the fp32 row before it
+    first, lever = result["rows"][0], result["rows"][5]
+    by_round = [
+        (16 / mine) / (16 / theirs)
+        for mine, theirs in zip(lever["step_seconds"], first["step_seconds"], strict=True)
+    ]
+    low, high = lever["speedup_vs_baseline_by_round"]  # (step_seconds are rounded to 0.1 ms)
+    assert low == pytest.approx(min(by_round), rel=0.02)
+    assert high == pytest.approx(max(by_round), rel=0.02)
+    # bf16, compared with the fp32 row before it
     assert lever["base"] == "+ class token only" and lever["precision"] == "bf16"
     ratio = lever["images_per_second"] / result["rows"][4]["images_per_second"]
     assert lever["vs_previous_ratio"] == pytest.approx(ratio, abs=1e-3)
