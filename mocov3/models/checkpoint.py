@@ -16,6 +16,7 @@ from torch import nn
 from mocov3.config import Config, apply_overrides, config_from_dict
 from mocov3.errors import CheckpointError
 from mocov3.models.moco import MoCo, build_moco, load_model_state
+from mocov3.models.vit import set_class_token_only
 from mocov3.runtime.checkpoint import load_checkpoint
 
 
@@ -45,7 +46,10 @@ class LoadedRun:
                 f"{self.path} holds only the query backbone (imported from a linear-probe "
                 "checkpoint): use the query encoder"
             )
-        return self.model.encoder_backbone(encoder).eval()
+        backbone = self.model.encoder_backbone(encoder).eval()
+        # every token, as a standalone ViT and an export run it (pretraining's shortcut off)
+        set_class_token_only(backbone, False)
+        return backbone
 
 
 def open_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRun:

@@ -20,7 +20,7 @@ from mocov3.errors import CheckpointError, ConfigError
 from mocov3.models.heads import build_mlp
 from mocov3.models.loss import contrastive_loss
 from mocov3.models.resnet import build_resnet
-from mocov3.models.vit import VisionTransformer
+from mocov3.models.vit import VisionTransformer, set_class_token_only
 
 ENCODERS = ("query", "momentum")  # the backbones a MoCo model holds: f_q's and its EMA f_k's
 
@@ -161,7 +161,9 @@ def build_moco(config: Config, in_chans: int) -> MoCo:
         )
     else:
         predictor = nn.Identity()
-    return MoCo(backbone, projector, predictor, config.moco.temperature, config.moco.concat_views)
+    model = MoCo(backbone, projector, predictor, config.moco.temperature, config.moco.concat_views)
+    set_class_token_only(model, True)  # only the class token is read (ViT-BN excepted)
+    return model
 
 
 def load_model_state(model: nn.Module, state_dict: dict, source: object) -> None:

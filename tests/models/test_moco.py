@@ -164,3 +164,13 @@ def test_concatenated_views_equal_per_view():
     for name, grad in grads_concat.items():  # to rounding, relative to the largest entry
         split = dict(model.named_parameters())[name].grad
         assert (grad - split).abs().max() <= 1e-4 * split.abs().max() + 1e-7, name
+
+
+def test_both_encoders_compute_only_the_class_token_in_the_last_block():
+    model, _ = _model()
+    assert model.backbone.class_token_only_last_block
+    assert model.momentum_backbone.class_token_only_last_block
+    vit_bn = build_moco(
+        load_config(TINY, ["model.mlp_norm=batchnorm", "moco.concat_views=false"]), 1
+    )
+    assert not vit_bn.backbone.class_token_only_last_block  # its MLP norm reads every token

@@ -229,6 +229,9 @@ def test_the_class_token_only_last_block_is_the_same_function() -> None:
     for name, grad in full_grads.items():  # to rounding, relative to the tensor's largest
         assert (short_grads[name] - grad).abs().max() <= 1e-4 * grad.abs().max(), name
     assert set_class_token_only(model, False) == 1 and not model.class_token_only_last_block
+    # a standalone ViT runs every token; MoCo's encoders (build_moco) turn the shortcut on
+    fresh = VisionTransformer(img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=3)
+    assert not fresh.class_token_only_last_block
     # ViT-BN's MLP norm takes statistics over every token, so it keeps the whole block
     assert not VisionTransformer(img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=3,
                                  mlp_norm="batchnorm").class_token_only_last_block  # fmt: skip
