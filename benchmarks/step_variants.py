@@ -22,6 +22,7 @@ import tempfile
 import time
 
 from mocov3.config import load_config
+from mocov3.tools.measure import synchronize
 from mocov3.tools.rounds import run_rounds, verdict
 from mocov3.train.trainer import Trainer
 
@@ -51,8 +52,10 @@ class VariantStep:
         self.trainer.take_step(1)
 
     def __call__(self, step: int) -> tuple[float, float]:
+        synchronize(self.trainer.device)
         tic = time.perf_counter()
         self.trainer.take_step(step)
+        synchronize(self.trainer.device)  # a GPU's queued work belongs to this variant
         return 0.0, time.perf_counter() - tic
 
     def close(self) -> None:

@@ -13,7 +13,12 @@ from mocov3.tools import bench
 from mocov3.tools.bench import DEFAULT_CONFIG, BenchSettings, run_bench
 from mocov3.tools.pipeline import run_bench_with_input
 
-VERDICT_MARKS = {"faster": "faster", "slower": "slower", "within noise": "~noise"}
+VERDICT_MARKS = {
+    "faster": "faster",
+    "slower": "slower",
+    "within noise": "~noise",
+    "too few steps": "few steps",
+}
 COLUMNS = (
     ("row", "name", "<34", "{}"),
     ("batch", "batch", ">5", "{}"),
@@ -149,14 +154,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--steps",
         type=int,
-        help="timed rounds, one step of every row each (default: at least 5, and more until "
-        "every row has --seconds of timed steps)",
+        help="timed rounds, one step of every row each (default: at least 5, and more while "
+        "the rounds took under --seconds per row)",
     )
     parser.add_argument(
         "--seconds",
         type=float,
         default=10.0,
-        help="timed seconds each row reaches when --steps is not given (default 10)",
+        help="without --steps: timed seconds per row, on average (default 10)",
     )
     parser.add_argument("--warmup", type=int, help="untimed steps per row (default 1, CUDA 3)")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default train.device)")
@@ -180,7 +185,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--reference-workers",
         type=int,
         help="DataLoader workers of the reference row's per-image augmentation (default: "
-        "half the CPU cores, 1 to 4)",
+        "none on a CPU, where its cost then lands in its own step; half the cores, 1 to 4, "
+        "with a GPU)",
     )
     parser.add_argument(
         "--skip-slow",

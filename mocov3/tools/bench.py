@@ -98,26 +98,46 @@ def build_rows(
     growth while it builds and warms). A compiled row whose compiler fails is left out with
     a note: torch.compile needs a working C++ compiler on a CPU."""
     planned = row_batches(specs, bench, skip_slow, progress)
-    built = []
-    for index, (spec, batch, note) in enumerate(planned):
-        progress(
-            f"building and warming {spec.name} (batch {batch}) [row {index + 1}/{len(planned)}]"
-        )
-        probe = PeakMemory(bench.device)
-        start = time.perf_counter()
-        try:
-            with probe:
-                step = build_step(bench, spec, batch)
-                for number in range(bench.warmup):
-                    step(number)
-        except RuntimeError as error:
-            if not spec.compiled:
-                raise
-            progress(f"skipping {spec.name}: {str(error).strip().splitlines()[0][:200]}")
-            continue
-        seconds = time.perf_counter() - start
-        built.append(BuiltRow(spec, batch, note, step, seconds, probe.mib))
+    built: list[BuiltRow] = []
+    try:
+        for index, (spec, batch, note) in enumerate(planned):
+            row = build_row(spec, batch, note, bench, f"[row {index + 1}/{len(planned)}]", progress)
+            if row is not None:
+                built.append(row)
+    except BaseException:
+        close_rows(built)  # the reference row's DataLoader workers
+        raise
     return built
+
+
+def build_row(
+    spec: RowSpec, batch: int, note: str, bench: Bench, place: str, progress: Callable[[str], None]
+) -> BuiltRow | None:
+    """One row built and warmed, or None for a compiled row whose compiler fails."""
+    progress(f"building and warming {spec.name} (batch {batch}) {place}")
+    probe = PeakMemory(bench.device)
+    start = time.perf_counter()
+    try:
+        with probe:
+            step = build_step(bench, spec, batch)
+            for number in range(bench.warmup):
+                step(number)
+            if hasattr(step, "skipped_steps"):
+                step.skipped_steps = 0  # count the timed steps only
+    except RuntimeError as error:
+        if not spec.compiled:
+            raise
+        progress(f"skipping {spec.name}: {str(error).strip().splitlines()[0][:200]}")
+        return None
+    return BuiltRow(spec, batch, note, step, time.perf_counter() - start, probe.mib)
+
+
+def close_rows(rows: Sequence[BuiltRow]) -> None:
+    """Stop what rows hold open (the reference row's DataLoader workers)."""
+    for row in rows:
+        close = getattr(row.step, "close", None)
+        if close is not None:
+            close()
 
 
 def time_rows(
@@ -127,14 +147,10 @@ def time_rows(
     stopped."""
     progress(f"timing {len(built)} rows in interleaved rounds (A B C A B C ...)")
     try:
-        return run_rounds(
-            [row.step for row in built], bench.warmup, bench.steps, bench.seconds, progress
-        )
+        steps = [row.step for row in built]
+        return run_rounds(steps, bench.warmup, bench.steps, bench.seconds, progress)
     finally:
-        for row in built:
-            close = getattr(row.step, "close", None)
-            if close is not None:
-                close()
+        close_rows(built)
 
 
 def row_result(row: BuiltRow, timing: Timings, bench: Bench) -> dict[str, Any]:
@@ -172,6 +188,7 @@ def row_result(row: BuiltRow, timing: Timings, bench: Bench) -> dict[str, Any]:
         "flops_per_image": round(row_flops(spec, bench)),
         "achieved_gflops": round(rates.median * row_flops(spec, bench) / 1e9, 2),
         "reduced_batch": batch < bench.config.train.batch_size,
+        "scaler_skipped_steps": getattr(row.step, "skipped_steps", 0),
         "note": row.note,
         "warmup_seconds": round(row.warmup_seconds, 2),
     }
@@ -201,7 +218,8 @@ def rate_spread(row: dict[str, Any]) -> Spread:
 def compare(row: dict[str, Any], other: dict[str, Any]) -> tuple[float, str]:
     """(ratio of median images/s, verdict from the spreads) of ``row`` against ``other``."""
     ratio = row["images_per_second"] / other["images_per_second"]
-    return round(ratio, 3), verdict(rate_spread(row), rate_spread(other))
+    steps = min(row["steps"], other["steps"])
+    return round(ratio, 3), verdict(rate_spread(row), rate_spread(other), steps)
 
 
 def round_ratios(row: dict[str, Any], other: dict[str, Any]) -> list[float]:
@@ -246,8 +264,8 @@ def ranking(rows: Sequence[dict[str, Any]]) -> list[str]:
         if after is None:
             lines.append(row["name"])
         else:
-            standing = verdict(rate_spread(row), rate_spread(after))
-            text = "faster than" if standing == "faster" else "within noise of"
+            words = {"faster": "faster than", "too few steps": "too few steps to rank against"}
+            text = words.get(compare(row, after)[1], "within noise of")
             lines.append(f"{row['name']} ({text} the next)")
     return lines
 
@@ -339,11 +357,10 @@ def default_precisions(device: torch.device) -> list[str]:
 class BenchSettings:
     """What ``mocov3 bench`` times: the preset and overrides, the device, the precisions
     (None: fp32 and bf16, plus fp16 on CUDA), timed rounds (None: at least
-    :data:`~mocov3.tools.rounds.MIN_ROUNDS`, and more until every row has ``seconds`` of
-    timed steps), warm-up steps per row (None: 1, CUDA 3), the budget of an emulated
+    :data:`~mocov3.tools.rounds.MIN_ROUNDS`, and more while the rounds took under
+    ``seconds`` per row), warm-up steps per row (None: 1, CUDA 3), the budget of an emulated
     precision's rows, the seconds of each matmul-peak measurement, the optional extra rows,
-    and the reference row's DataLoader workers (None: half the CPU cores, 1 to 4: the
-    reference's 32 workers per 8-GPU node is 4 per GPU)."""
+    and the reference row's DataLoader workers (None: see :func:`reference_workers`)."""
 
     config: str = DEFAULT_CONFIG
     overrides: tuple[str, ...] = ()
@@ -395,7 +412,7 @@ def prepare(settings: BenchSettings, progress: Callable[[str], None]) -> Bench:
         seconds=settings.seconds,
         max_row_seconds=settings.max_row_seconds,
         precisions=precisions,
-        reference_workers=reference_workers(settings.reference_workers),
+        reference_workers=reference_workers(settings.reference_workers, device),
     )
     progress("counting FLOPs")
     count_batch = min(config.train.batch_size, FLOP_COUNT_BATCH)
@@ -403,14 +420,26 @@ def prepare(settings: BenchSettings, progress: Callable[[str], None]) -> Bench:
     bench.flops_every_token = step_flops_per_image(config, channels, device, count_batch, True)
     progress("measuring matmul peaks")
     bench.tf32 = set_tf32(config.train.tf32, device)
-    bench.peaks = measure_peaks(precisions, device, bench.tf32, settings.peak_seconds)
+    bench.peaks = measure_peaks(peak_precisions(bench), device, bench.tf32, settings.peak_seconds)
     return bench
 
 
-def reference_workers(requested: int | None) -> int:
-    """The reference row's DataLoader workers: as requested, else half the cores, 1 to 4."""
+def peak_precisions(bench: Bench) -> list[str]:
+    """The precisions whose matmul peak the rows need: the requested ones, and fp16 on CUDA
+    for the reference-mirroring row (the reference trains in fp16)."""
+    extra = ["fp16"] if bench.device.type == "cuda" else []
+    return list(dict.fromkeys([*bench.precisions, *extra]))
+
+
+def reference_workers(requested: int | None, device: torch.device) -> int:
+    """The reference row's DataLoader workers: as requested; else on a GPU half the cores, 1
+    to 4 (the reference's 32 per 8-GPU node), and on a CPU none. A CPU's cores run the
+    matmuls already, and a worker would prefetch during the next row's step, slowing that
+    row and hiding the reference's own input cost; without one, that cost is in its step."""
     if requested is not None:
         return requested
+    if device.type != "cuda":
+        return 0
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
@@ -436,7 +465,7 @@ def run_bench(
     timings = time_rows(built, bench, progress)
     rows = [row_result(row, timing, bench) for row, timing in zip(built, timings, strict=True)]
     progress("measuring matmul peaks again")
-    again = measure_peaks(bench.precisions, bench.device, bench.tf32, settings.peak_seconds)
+    again = measure_peaks(peak_precisions(bench), bench.device, bench.tf32, settings.peak_seconds)
     bench.peaks = best_peaks(bench.peaks, again)
     return summary(rows, bench, settings.config, settings.overrides)
 

@@ -38,6 +38,7 @@ from mocov3.runtime.performance import apply_memory_format, compile_backbones, t
 from mocov3.runtime.precision import autocast_context
 from mocov3.tools.measure import synchronize
 from mocov3.tools.reference_step import ReferenceStep
+from mocov3.tools.rounds import MIN_ROUNDS
 from mocov3.train.step import build_train_step
 
 # Normalisation constants for the random images; they change values, not speed.
@@ -92,19 +93,22 @@ def ladder(bench: Bench, compiled: bool, channels_last: bool) -> list[RowSpec]:
     fp32 levers first, then the low-precision ones on top of the best eager fp32 row."""
     config, device = bench.config, bench.device
     vit = not is_resnet_arch(config.model.arch)
+    # the reference has no ViT-BN, and the class token shortcut is off there
+    plain_vit = vit and config.model.mlp_norm == "layernorm"
     rows = []
-    if vit:
+    if plain_vit:
         precision = "fp16" if device.type == "cuda" else "fp32"  # the reference's
         rows.append(RowSpec("reference (mirrored)", "reference", precision))
     plain = RowSpec("straightforward fp32", "straightforward", class_token_only=False)
     rows.append(
-        _on(rows[0], plain, "our model, plain step, batched augmentation") if vit else plain
+        _on(rows[0], plain, "our model, plain step, batched augmentation") if rows else plain
     )
     last = _add(
         rows, replace(plain, name="training path fp32", step="training"), "the trainer's step"
     )
-    last = _add(rows, replace(last, name="+ fused AdamW", fused=True), "AdamW's fused kernel")
-    if vit:
+    if config.optim.name == "adamw":  # LARS has no fused kernel
+        last = _add(rows, replace(last, name="+ fused AdamW", fused=True), "AdamW's fused kernel")
+    if plain_vit:
         spec = replace(last, name="+ class token only", class_token_only=True)
         last = _add(rows, spec, "the last block computes the class token alone")
     if compiled and device.type == "cpu":  # the fp32 target is a CPU's
@@ -191,13 +195,16 @@ class OurStep:
         self.lr = scaled_lr(config.optim.base_lr, batch)
         self.momentum = config.moco.momentum
         self.augment = BatchedAugment(bench, config, bench.images_on_device[:batch])
+        self.skipped_steps = 0  # steps whose AdamW an fp16 grad scaler skipped
         if spec.step == "training":
             self.train_step = build_train_step(config, self.model, bench.device, spec.fused)
+            self.scaler = self.train_step.scaler
             self.run: Callable[[torch.Tensor, torch.Tensor, int], None] = self._training
         else:
             self.optimizer = build_optimizer(self.model, config.optim, bench.device, spec.fused)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr
+            self.scaler = torch.amp.GradScaler(bench.device.type, enabled=False)
             self.run = self._straightforward
 
     def __call__(self, step: int) -> tuple[float, float]:
@@ -205,9 +212,13 @@ class OurStep:
         x1, x2 = self.augment(step)
         synchronize(self.device)
         augmented = time.perf_counter()
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.run(x1, x2, step)
         synchronize(self.device)
-        return augmented - start, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        if scale is not None and self.scaler.get_scale() < scale:
+            self.skipped_steps += 1  # an fp16 overflow: the scaler skipped AdamW this step
+        return augmented - start, seconds
 
     def _straightforward(self, x1: torch.Tensor, x2: torch.Tensor, step: int) -> None:
         with autocast_context(self.device, self.precision):
@@ -257,7 +268,7 @@ def fitted_batch(bench: Bench, seconds_per_image: float) -> int:
     """The preset's batch, or if its warm-up and timed steps would overrun
     ``max_row_seconds``, the largest power of two (at least 2) predicted to fit."""
     batch = bench.config.train.batch_size
-    steps = bench.warmup + (bench.steps or 1)
+    steps = bench.warmup + (bench.steps or MIN_ROUNDS)
     if steps * batch * seconds_per_image <= bench.max_row_seconds:
         return batch
     fits = bench.max_row_seconds / (steps * seconds_per_image)

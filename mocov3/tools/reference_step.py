@@ -12,10 +12,12 @@ DDP). What it mirrors, and how it differs from our training path:
 * the momentum update as a Python loop over parameters that allocates new tensors
   (``p_k = p_k * m + p_q * (1 - m)``), keys L2-normalised, ``einsum`` logits, cross-entropy
   times ``2 tau``;
-* ``torch.optim.AdamW`` with torch's defaults;
+* ``torch.optim.AdamW`` as torch 1.9 (which the reference pins) ran it, one tensor at a
+  time, and gradients zeroed in place;
 * per-image torchvision transforms on PIL images in ``DataLoader`` worker processes
   (crop, jitter, grayscale, PIL Gaussian blur and solarize, flip, ``ToTensor``,
-  ``Normalize``), then a copy of both views to the device;
+  ``Normalize``), then a copy of both views to the device. Like every bench row it starts
+  from decoded images of the preset's size (JPEG decoding is ``mocov3 bench --data``'s);
 * fp16 autocast with a grad scaler on CUDA (the reference's mixed precision); fp32 on a
   CPU, where the reference has no path and fp16 would be unusable.
 
@@ -40,7 +42,7 @@ from torchvision import transforms
 
 from mocov3.config import AugmentConfig, Config
 from mocov3.models.moco import MoCo
-from mocov3.models.vit import LAYER_NORM_EPS, VisionTransformer
+from mocov3.models.vit import LAYER_NORM_EPS, Mlp, VisionTransformer
 
 
 class ReferenceAttention(nn.Module):
@@ -62,24 +64,13 @@ class ReferenceAttention(nn.Module):
         return self.proj((attention @ v).transpose(1, 2).reshape(batch, tokens, dim))
 
 
-class ReferenceMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class ReferenceBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attn = ReferenceAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.mlp = ReferenceMlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))  # fc1, exact GELU, fc2: timm's too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -231,7 +222,7 @@ class ReferenceInput:
     """Batches of both views from ``workers`` DataLoader processes, endlessly."""
 
     def __init__(self, config: Config, images: torch.Tensor, normalise: tuple[float, float],
-                 workers: int) -> None:  # fmt: skip
+                 workers: int, device: torch.device) -> None:  # fmt: skip
         channels, size = images.shape[1], config.data.image_size
         mean, std = (normalise[0],) * channels, (normalise[1],) * channels
         views = [reference_view(config.augment, view, size, mean, std) for view in (0, 1)]
@@ -241,7 +232,7 @@ class ReferenceInput:
             batch_size=len(images),
             sampler=RandomSampler(dataset, num_samples=len(images) * STEPS_PER_ITERATOR),
             num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=device.type == "cuda",
             drop_last=True,
         )
         self.batches: Iterator[list[torch.Tensor]] | None = None
@@ -273,13 +264,15 @@ class ReferenceStep:
                  lr: float, workers: int, normalise: tuple[float, float]) -> None:  # fmt: skip
         self.device = device
         self.model = ReferenceMoCo(ours).to(device)
+        # torch 1.9's AdamW, which the reference pins: one tensor at a time (no foreach)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=lr, weight_decay=config.optim.weight_decay
+            self.model.parameters(), lr=lr, weight_decay=config.optim.weight_decay, foreach=False
         )
         self.fp16 = device.type == "cuda"
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.fp16)
         self.momentum = config.moco.momentum
-        self.input = ReferenceInput(config, images, normalise, workers)
+        self.input = ReferenceInput(config, images, normalise, workers, device)
+        self.skipped_steps = 0  # steps whose AdamW the fp16 grad scaler skipped
 
     def __call__(self, step: int) -> tuple[float, float]:
         start = time.perf_counter()
@@ -290,13 +283,17 @@ class ReferenceStep:
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.fp16):
             loss = self.model(x1, x2, self.momentum)
         loss.item()  # the reference logs every step's loss
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad(set_to_none=False)  # torch 1.9's default: zeroed in place
+        scale = self.scaler.get_scale() if self.fp16 else None
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return loaded - start, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        if scale is not None and self.scaler.get_scale() < scale:
+            self.skipped_steps += 1
+        return loaded - start, seconds
 
     def close(self) -> None:
         self.input.close()

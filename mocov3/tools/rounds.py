@@ -39,10 +39,12 @@ class Spread:
         return cls(statistics.median(values), min(values), max(values))
 
 
-def verdict(candidate: Spread, other: Spread) -> str:
+def verdict(candidate: Spread, other: Spread, steps: int = MIN_ROUNDS) -> str:
     """``"faster"`` when every measurement of ``candidate`` is above every one of ``other``
     (rates: higher is faster), ``"slower"`` when every one is below, else ``"within
-    noise"``."""
+    noise"``; ``"too few steps"`` from fewer than :data:`MIN_ROUNDS` steps a row."""
+    if steps < MIN_ROUNDS:
+        return "too few steps"
     if candidate.low > other.high:
         return "faster"
     if candidate.high < other.low:
@@ -68,32 +70,34 @@ def run_rounds(
     rounds: int | None,
     seconds: float,
     progress: Callable[[str], None] = lambda line: None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[Timings]:
     """Time ``steps`` interleaved: round ``r`` calls each of them with step ``first_step + r``
-    in turn. ``rounds``: exactly that many; None: at least ``MIN_ROUNDS``, and more until
-    every variant has ``seconds`` of timed steps."""
+    in turn. ``rounds``: exactly that many; None: at least ``MIN_ROUNDS``, and more while the
+    rounds have taken less than ``seconds`` per variant in all (the variants share the time,
+    so one slow variant cannot multiply the rounds the fast ones would want)."""
     timings = [Timings([], []) for _ in steps]
     done = 0
-    started = time.perf_counter()
-    while _more_rounds(done, rounds, seconds, timings):
+    started = clock()
+    while _more_rounds(done, rounds, seconds * len(steps), clock() - started):
         for step, timing in zip(steps, timings, strict=True):
             input_seconds, step_seconds = step(first_step + done)
             timing.input_seconds.append(input_seconds)
             timing.step_seconds.append(step_seconds)
         done += 1
-        progress(_round_line(done, rounds, started))
+        progress(_round_line(done, rounds, clock() - started))
     return timings
 
 
-def _more_rounds(done: int, rounds: int | None, seconds: float, timings: list[Timings]) -> bool:
+def _more_rounds(done: int, rounds: int | None, budget: float, spent: float) -> bool:
     if rounds is not None:
         return done < rounds
     if done < MIN_ROUNDS:
         return True
-    return any(sum(timing.step_seconds) < seconds for timing in timings)
+    return spent < budget
 
 
-def _round_line(done: int, rounds: int | None, started: float) -> str:
+def _round_line(done: int, rounds: int | None, spent: float) -> str:
     """``round 2/5 done (01:10)``: where the timing is, for the progress lines."""
     planned = f"/{rounds}" if rounds is not None else ""
-    return f"round {done}{planned} done ({format_duration(time.perf_counter() - started)})"
+    return f"round {done}{planned} done ({format_duration(spent)})"

@@ -325,6 +325,8 @@ class Trainer:
         while self.step < self.schedules.total_steps and not self._agree_to_stop():
             tic = time.perf_counter()
             result = self.take_step(self.step)
+            if self.device.type == "cuda":  # the step's queued kernels are the step's time
+                torch.cuda.synchronize(self.device)
             elapsed = time.perf_counter() - tic
             window = (window + [elapsed])[-20:]
             tic = time.perf_counter()

@@ -13,7 +13,7 @@ from mocov3.cli import main
 from mocov3.config import load_config, resolve_model_dims
 from mocov3.tools import bench, bench_rows, measure
 
-VERDICTS = ("faster", "slower", "within noise")
+VERDICTS = ("faster", "slower", "within noise", "too few steps")
 
 TINY = [
     "bench",
@@ -133,12 +133,21 @@ def test_the_ladder_on_a_gpu_and_for_a_resnet() -> None:
     assert gpu[-1].base == "+ class token only"  # fp16: an alternative to bf16, same base
     assert all(row.attention == "auto" for row in gpu[1:])
     resnet = bench_rows.ladder(_bench(config="configs/resnet18_demo.yaml"), False, True)
-    assert [row.name for row in resnet] == [
+    assert [row.name for row in resnet] == [  # LARS (no fused kernel), no ViT levers
+        "straightforward fp32",
+        "training path fp32",
+        "+ bf16",
+        "+ channels_last",
+    ]
+    vit_bn = _bench(config="configs/tiny.yaml")
+    vit_bn.config.model.mlp_norm, vit_bn.config.moco.concat_views = "batchnorm", False
+    names = [row.name for row in bench_rows.ladder(vit_bn, False, False)]
+    assert names == [  # no reference (it has no ViT-BN), no class-token shortcut
         "straightforward fp32",
         "training path fp32",
         "+ fused AdamW",
         "+ bf16",
-        "+ channels_last",
+        "+ explicit attention",
     ]
     fp32_only = bench_rows.ladder(_bench(precisions=("fp32",)), False, False)
     assert fp32_only[-1].name == "+ concat views" and fp32_only[-1].precision == "fp32"
@@ -204,9 +213,11 @@ def _stub(fp32: float, bf16: float, flops: float, batch: int = 256) -> bench_row
 def test_slow_precision_gets_a_batch_that_fits_the_row_budget() -> None:
     slow = _stub(fp32=100.0, bf16=1.0, flops=1e9)
     assert bench_rows.is_slow("bf16", slow)
-    # 10 s budget, warm-up + 1 timed step: at 2 s per image 2.5 images fit, at 0.1 s 50
+    # 10 s budget, warm-up + the 5 rounds at least: at 2 s per image 0.8 images fit, at 0.1 s
+    # 16.7, and with --steps 1 (2 steps in all) 50
     assert bench_rows.fitted_batch(slow, seconds_per_image=2.0) == 2
-    assert bench_rows.fitted_batch(slow, seconds_per_image=0.1) == 32
+    assert bench_rows.fitted_batch(slow, seconds_per_image=0.1) == 16
+    assert bench_rows.fitted_batch(replace(slow, steps=1), seconds_per_image=0.1) == 32
     assert bench_rows.fitted_batch(slow, seconds_per_image=100.0) == 2  # never below 2
     assert bench_rows.fitted_batch(slow, seconds_per_image=1e-3) == 256  # fits: the preset's
     assert not bench_rows.is_slow("bf16", _stub(fp32=100.0, bf16=400.0, flops=1e6))

@@ -58,7 +58,7 @@ def test_the_mirror_refuses_a_resnet() -> None:
 def test_the_per_image_views_are_normalised_float_images(channels: int) -> None:
     images = torch.randint(0, 256, (4, channels, 20, 20), dtype=torch.uint8)
     config = load_config("configs/tiny.yaml", ["data.image_size=16", "model.patch_size=4"])
-    views = ReferenceInput(config, images, (0.5, 0.25), workers=0)
+    views = ReferenceInput(config, images, (0.5, 0.25), workers=0, device=torch.device("cpu"))
     first, second = views.next(torch.device("cpu"))
     for view in (first, second):
         assert view.shape == (4, channels, 16, 16) and view.dtype == torch.float32

@@ -21,6 +21,8 @@ def test_a_row_is_faster_only_when_the_spreads_do_not_overlap() -> None:
     # a median 20% higher is still noise when one step of the other row reached it
     assert verdict(Spread(12, 11, 13), Spread(10, 9, 11.5)) == "within noise"
     assert verdict(Spread(10, 10, 10), Spread(10, 10, 10)) == "within noise"
+    # fewer than 5 steps a row decide nothing
+    assert verdict(Spread(12, 11, 13), Spread(10, 9, 10.9), steps=4) == "too few steps"
 
 
 def test_rates_are_images_per_second_of_each_step() -> None:
@@ -45,13 +47,23 @@ def test_rows_run_interleaved_one_step_each_per_round() -> None:
     assert [t.input_seconds for t in timings] == [[0.1, 0.1]] * 3
 
 
-def test_without_a_step_count_rounds_run_until_every_row_has_its_seconds() -> None:
-    calls: list[tuple[str, int]] = []
-    # A takes 1 s a step, B 0.25 s: B needs 12 rounds to reach 3 s; A would stop at 5
-    steps = [_recording("A", 1.0, calls), _recording("B", 0.25, calls)]
-    timings = run_rounds(steps, first_step=0, rounds=None, seconds=3.0)
-    assert [len(t.step_seconds) for t in timings] == [12, 12]
-    calls.clear()
-    # both fast enough: still the minimum number of rounds
-    timings = run_rounds([_recording("A", 1.0, calls)], first_step=0, rounds=None, seconds=0.5)
-    assert len(timings[0].step_seconds) == rounds.MIN_ROUNDS == 5
+def test_without_a_step_count_rounds_share_seconds_per_row_of_wall_time() -> None:
+    """At least 5 rounds; more while the rounds have taken under ``seconds`` x rows (a fake
+    clock that the steps advance)."""
+    now = [0.0]
+
+    def step(seconds: float):
+        def run(number: int) -> tuple[float, float]:
+            now[0] += seconds
+            return seconds / 10, seconds
+
+        return run
+
+    def counts(*seconds: float) -> list[int]:
+        steps = [step(value) for value in seconds]
+        timings = run_rounds(steps, 0, rounds=None, seconds=3.0, clock=lambda: now[0])
+        return [len(t.step_seconds) for t in timings]
+
+    assert counts(0.1, 0.2) == [20, 20]  # 6 s of budget, 0.3 s a round
+    # a slow row (10 s a step) gets the minimum, and the fast one no more rounds than it
+    assert counts(0.1, 10.0) == [rounds.MIN_ROUNDS] * 2 == [5, 5]
