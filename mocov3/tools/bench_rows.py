@@ -79,13 +79,13 @@ class Bench:
     flops_per_image: float = 0.0  # the trainer's step (the last block: class token only)
     flops_every_token: float = 0.0  # with the last block over every token (the reference)
     peaks: dict[str, dict[str, Any]] = field(default_factory=dict)
-    steps: int | None = None  # timed rounds; None: as many as fit in ``seconds``
+    steps: int | None = None  # timed rounds; None: at least 5, within ``seconds`` a row
     warmup: int = 1
     seconds: float = 10.0
     max_row_seconds: float = 60.0
     tf32: bool = False
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
-    reference_workers: int = 1
+    reference_workers: int = 0  # the reference row's DataLoader workers (bench.py sets it)
 
 
 def ladder(bench: Bench, compiled: bool, channels_last: bool) -> list[RowSpec]:
@@ -260,8 +260,13 @@ def probe_seconds_per_image(spec: RowSpec, bench: Bench) -> float:
     """Seconds per image of ``spec`` from a second step at batch ``PROBE_BATCH`` (the first
     warms up). Per-step overhead makes it an overestimate, the safe side for sizing a row."""
     step = build_step(bench, spec, PROBE_BATCH)
-    step(0)
-    return step(1)[1] / PROBE_BATCH
+    try:
+        step(0)
+        return step(1)[1] / PROBE_BATCH
+    finally:
+        close = getattr(step, "close", None)
+        if close is not None:
+            close()  # a reference row's DataLoader workers
 
 
 def fitted_batch(bench: Bench, seconds_per_image: float) -> int:
