@@ -1,7 +1,7 @@
 """The package's layers import one way (docs/architecture.md):
 
-    errors, config, presets  <-  runtime, optim  <-  data, models  <-  train, eval, interop
-                    <-  tools, api  <-  cli  <-  __main__
+    errors, config (with model_config), presets  <-  runtime, optim  <-  data, models
+                    <-  train, eval, interop  <-  tools, api  <-  cli  <-  __main__
 
 A module may import its own package and any lower layer; across one layer only train may
 import eval (the kNN evaluation it runs while training). Every import counts, those inside
@@ -20,6 +20,7 @@ LAYERS = {
     "mocov3": 0,  # the package itself: __version__ (and the lazy public API, below)
     "mocov3.errors": 0,
     "mocov3.config": 0,
+    "mocov3.model_config": 0,
     "mocov3.presets": 0,
     "mocov3.runtime": 1,
     "mocov3.optim": 1,
@@ -37,6 +38,8 @@ SIDEWAYS = {
     ("mocov3.train", "mocov3.eval"),
     ("mocov3.config", "mocov3.errors"),
     ("mocov3.config", "mocov3.presets"),
+    ("mocov3.config", "mocov3.model_config"),
+    ("mocov3.model_config", "mocov3.errors"),
     ("mocov3.presets", "mocov3.errors"),
 }
 # ``import mocov3`` stays light: the public API is imported on first attribute access

@@ -97,7 +97,8 @@ def _describe_vit(model: VisionTransformer) -> dict[str, Any]:
         "num_heads": int(model.num_heads),
         "patch_size": int(model.patch_embed.patch_size),
         "img_size": int(model.patch_embed.img_size),
-        "in_chans": int(model.patch_embed.proj.in_channels),
+        "in_chans": int(model.patch_embed.in_chans),
+        "stem": model.stem,
         "mlp_ratio": hidden / embed_dim,
         "pos_embed": model.pos_embed_type,
         "mlp_norm": model.mlp_norm,
@@ -154,6 +155,7 @@ def build_from_architecture(arch: dict[str, Any]) -> nn.Module:
             mlp_ratio=arch["mlp_ratio"],
             pos_embed=arch["pos_embed"],
             mlp_norm=arch.get("mlp_norm", "layernorm"),  # files written before ViT-BN
+            stem=arch.get("stem", "patch"),  # files written before the conv stem
         )
     if kind == "resnet":
         return build_resnet(
@@ -186,6 +188,11 @@ def timm_spec(arch: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         raise ExportError(
             "timm's VisionTransformer has no BatchNorm before the MLP (model.mlp_norm "
             f"{arch['mlp_norm']}, the paper's ViT-BN): export with --format native"
+        )
+    if arch.get("stem", "patch") != "patch":
+        raise ExportError(
+            "timm's VisionTransformer has no conv stem (model.stem conv, the reference's "
+            "vit_conv_*; timm could take it only as custom code): export with --format native"
         )
     kwargs: dict[str, Any] = {
         "img_size": arch["img_size"],

@@ -1,6 +1,7 @@
 """``mocov3 import-reference``: the reference implementation's checkpoints in our format.
 
-Users already hold the released ViT-S, ViT-B and ResNet-50 weights; converting them lets
+Users already hold the released ViT-S, ViT-B and ResNet-50 weights (and may hold the
+reference's conv-stem ViTs, ``vit_conv_small`` / ``vit_conv_base``); converting them lets
 those be probed, fine-tuned and exported here. Two layouts are recognised, both a dict whose
 ``state_dict`` has DDP's ``module.`` prefix:
 
@@ -34,13 +35,16 @@ from mocov3.runtime.checkpoint import load_weights_only, save_checkpoint
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VIT_ARCHS = {"vit_small": VIT_SIZES["vit_small"], "vit_base": VIT_SIZES["vit_base"]}
+# the reference's conv-stem ViTs: our arch with model.stem conv, which drops one block
+CONV_STEM_ARCHS = {"vit_conv_small": "vit_small", "vit_conv_base": "vit_base"}
 RESNET50_LAST = "layer4.2.conv3.weight"
 EXPECTED = (
     "expected a MoCo v3 reference checkpoint: a dict with 'state_dict' holding either "
     "pretraining keys module.base_encoder.*, module.momentum_encoder.*, module.predictor.N.* "
     "or linear-probe keys module.<backbone> plus the classifier module.head.* (ViT) / "
     "module.fc.* (ResNet-50); backbones: ViT-S/16 or ViT-B/16 (patch_embed.proj, cls_token, "
-    "pos_embed, blocks.N, norm) or torchvision ResNet-50 (conv1, bn1, layer1-4)"
+    "pos_embed, blocks.N, norm), their conv-stem versions vit_conv_small/base "
+    "(patch_embed.proj.0-12) or torchvision ResNet-50 (conv1, bn1, layer1-4)"
 )
 PRETRAIN_GROUPS = ("base_encoder", "momentum_encoder", "predictor")
 
@@ -98,32 +102,39 @@ def _group(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
 # --------------------------------------------------------------------------- backbones
 
 
-VIT_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
+VIT_KEYS = ("cls_token", "pos_embed", "blocks.0.mlp.fc1.weight")
+PATCH_KEY = "patch_embed.proj.weight"  # the patch projection
+CONV_STEM_KEY = "patch_embed.proj.12.weight"  # the conv stem's closing 1x1 conv
 
 
 def _backbone_kind(backbone: dict[str, torch.Tensor], path: Path) -> str:
-    if "cls_token" in backbone and "patch_embed.proj.weight" in backbone:
+    if "cls_token" in backbone and (PATCH_KEY in backbone or CONV_STEM_KEY in backbone):
         missing = [key for key in VIT_KEYS if key not in backbone]
         if missing:
             raise ReferenceLayoutError(f"{path}: ViT without {missing}; {EXPECTED}")
         return "vit"
     if "conv1.weight" in backbone and RESNET50_LAST in backbone:
         return "resnet50"
-    if any(key.startswith("patch_embed.proj.0.") for key in backbone):
-        raise ReferenceLayoutError(f"{path}: conv-stem ViTs (vit_conv_*) are not supported")
     raise ReferenceLayoutError(f"{path}: backbone is neither ViT-S/B nor ResNet-50; {EXPECTED}")
 
 
 def _vit_overrides(backbone: dict[str, torch.Tensor], arch: str | None, path: Path) -> list[str]:
-    """Config keys of a reference ViT, its shapes checked against ``arch``'s sizes."""
+    """Config keys of a reference ViT, its shapes checked against ``arch``'s sizes (a
+    conv-stem ViT has one block fewer than its patch-projection sibling)."""
     dim = int(backbone["cls_token"].shape[-1])
     depth = len({key.split(".")[1] for key in backbone if key.startswith("blocks.")})
-    patch = int(backbone["patch_embed.proj.weight"].shape[-1])
-    name = arch or next((n for n, size in VIT_ARCHS.items() if size[0] == dim), None)
-    if name not in VIT_ARCHS or VIT_ARCHS[name][:2] != (dim, depth):
+    conv_stem = CONV_STEM_KEY in backbone
+    patch = 16 if conv_stem else int(backbone[PATCH_KEY].shape[-1])
+    if arch in CONV_STEM_ARCHS and not conv_stem:
+        raise ReferenceLayoutError(f"{path}: arch {arch!r} but no conv stem; {EXPECTED}")
+    name = CONV_STEM_ARCHS.get(arch, arch) if arch else None
+    name = name or next((n for n, size in VIT_ARCHS.items() if size[0] == dim), None)
+    expected_depth = VIT_ARCHS[name][1] - int(conv_stem) if name in VIT_ARCHS else None
+    if name not in VIT_ARCHS or (VIT_ARCHS[name][0], expected_depth) != (dim, depth):
         raise ReferenceLayoutError(
             f"{path}: arch {arch!r} with width {dim}, depth {depth} is not the reference's "
-            f"vit_small (384, 12, 12 heads) or vit_base (768, 12, 12 heads); {EXPECTED}"
+            f"vit_small (384, 12, 12 heads), vit_base (768, 12, 12 heads) or their conv-stem "
+            f"versions (11 blocks); {EXPECTED}"
         )
     tokens = int(backbone["pos_embed"].shape[1]) - 1
     grid = round(tokens**0.5)
@@ -131,11 +142,13 @@ def _vit_overrides(backbone: dict[str, torch.Tensor], arch: str | None, path: Pa
         raise ReferenceLayoutError(f"{path}: unexpected position table or MLP width; {EXPECTED}")
     table = sincos_position_table(grid, dim)
     sincos = torch.allclose(backbone["pos_embed"].float(), table, atol=1e-5)
+    stem = ["model.stem=conv", "model.freeze_patch_embed=false", "moco.concat_views=false"]
     return [
         f"model.arch={name}",
         f"model.patch_size={patch}",
         f"model.pos_embed={'sincos' if sincos else 'learned'}",
         f"data.image_size={grid * patch}",
+        *(stem if conv_stem else ["model.freeze_patch_embed=true"]),
     ]
 
 
@@ -198,7 +211,7 @@ def _base_config(
         "train.batch_size=4096",
     ]
     if kind == "vit":
-        return [*common, *_vit_overrides(backbone, arch, path), "model.freeze_patch_embed=true"]
+        return [*common, *_vit_overrides(backbone, arch, path)]
     if arch not in (None, "resnet50"):
         raise ReferenceLayoutError(f"{path}: arch {arch!r} but a ResNet-50 backbone; {EXPECTED}")
     return [*common, "data.image_size=224", *_resnet_overrides(epochs)]

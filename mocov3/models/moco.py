@@ -128,6 +128,7 @@ def build_backbone(config: Config, in_chans: int) -> nn.Module:
         pos_embed=model.pos_embed,
         drop_path_rate=model.drop_path_rate,
         mlp_norm=model.mlp_norm,
+        stem=model.stem,
     )
 
 

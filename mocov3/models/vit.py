@@ -3,7 +3,9 @@
 Faithful to the paper's reference ViT: class token whose final-LayerNorm output is the
 feature, LayerNorm eps 1e-6, qkv with bias, MLP ratio 4, a fixed 2-D sin-cos position
 embedding (class-token position all zeros), the MoCo v3 initialisation and, optionally, a
-frozen random patch projection (the paper's stability trick, Sec. 5.1).
+frozen random patch projection (the paper's stability trick, Sec. 5.1). ``stem="conv"`` swaps
+the patch projection for the reference's convolutional stem (:class:`ConvStem`), the other
+cure for instability the paper discusses (Sec. 5.1, after Xiao et al. 2021).
 
 ``mlp_norm="batchnorm"`` builds the paper's ViT-BN (BatchNorm instead of LayerNorm in the
 MLP blocks, about +1 point of linear accuracy; its ViT-BN-L/7 gives the paper's best
@@ -30,11 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mocov3.models.heads import SyncBatchNorm1d
+from mocov3.models.heads import SyncBatchNorm1d, SyncBatchNorm2d
 
 LAYER_NORM_EPS = 1e-6
 MLP_NORMS = ("layernorm", "batchnorm")
 ATTENTION_KERNELS = ("auto", "sdpa", "explicit")
+STEMS = ("patch", "conv")
+CONV_STEM_LAYERS = 4  # stride-2 conv layers: 2**4 = patch 16, the only size the reference has
 
 
 def sincos_position_table(
@@ -81,14 +85,60 @@ class PatchEmbed(nn.Module):
         super().__init__()
         if img_size % patch_size != 0:
             raise ValueError(f"image size {img_size} is not a multiple of patch size {patch_size}")
-        self.img_size = img_size
-        self.patch_size = patch_size
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size**2
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class ConvStem(nn.Module):
+    """The reference's convolutional stem (its ``vits.ConvStem``, after Xiao et al. 2021,
+    "Early convolutions help transformers see better"): four 3x3 stride-2 conv-BN-ReLU
+    layers whose channels start at ``embed_dim / 8`` and double to ``embed_dim``, then a
+    1x1 conv (with bias) to the width, so each token sees a 16x16 patch. Parameter names
+    equal the reference's (``proj.0`` conv, ``proj.1`` BN, ..., ``proj.12`` the 1x1 conv).
+    Its BatchNorms take statistics over the global batch under DDP (:class:`SyncBatchNorm2d`,
+    as the reference's SyncBN)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        if patch_size != 2**CONV_STEM_LAYERS:
+            raise ValueError(
+                f"the conv stem has patch size 16 only (as the reference), got {patch_size}"
+            )
+        if embed_dim % 8 != 0 or img_size % patch_size != 0:
+            raise ValueError(
+                f"the conv stem needs embed_dim divisible by 8 (got {embed_dim}) and an image "
+                f"size that is a multiple of 16 (got {img_size})"
+            )
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        layers: list[nn.Module] = []
+        channels_in, channels_out = in_chans, embed_dim // 8
+        for _ in range(CONV_STEM_LAYERS):
+            conv = nn.Conv2d(channels_in, channels_out, 3, stride=2, padding=1, bias=False)
+            layers += [conv, SyncBatchNorm2d(channels_out), nn.ReLU(inplace=True)]
+            channels_in, channels_out = channels_out, channels_out * 2
+        layers.append(nn.Conv2d(channels_in, embed_dim, kernel_size=1))
+        self.proj = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def build_stem(
+    kind: str, img_size: int, patch_size: int, in_chans: int, embed_dim: int
+) -> nn.Module:
+    """The module that turns an image into patch tokens: ``patch`` or ``conv`` (STEMS)."""
+    if kind == "patch":
+        return PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+    if kind == "conv":
+        return ConvStem(img_size, patch_size, in_chans, embed_dim)
+    raise ValueError(f"stem '{kind}' must be one of {', '.join(STEMS)}")
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -223,6 +273,7 @@ class VisionTransformer(nn.Module):
         pos_embed: str = "sincos",
         drop_path_rate: float = 0.0,
         mlp_norm: str = "layernorm",
+        stem: str = "patch",
     ) -> None:
         super().__init__()
         if embed_dim % num_heads != 0:
@@ -231,10 +282,12 @@ class VisionTransformer(nn.Module):
         self.num_heads = num_heads
         self.pos_embed_type = pos_embed
         self.mlp_norm = mlp_norm
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.stem = stem
+        self.patch_embed = build_stem(stem, img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = self._make_pos_embed(pos_embed)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        # on the CPU even under a meta-device context (a large model counted without memory)
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.Sequential(
             *[Block(embed_dim, num_heads, mlp_ratio, rate, mlp_norm) for rate in rates]
         )
@@ -258,7 +311,7 @@ class VisionTransformer(nn.Module):
     def _init_weights(self) -> None:
         """MoCo v3 init: xavier-uniform Linear (qkv bound as three separate matrices), zero
         biases, class token N(0, 1e-6), patch projection xavier-uniform over its flattened
-        fan-in."""
+        fan-in; a conv stem keeps torch's default init, as in the reference."""
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 if name.endswith("attn.qkv"):
@@ -269,6 +322,8 @@ class VisionTransformer(nn.Module):
                     nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.stem != "patch":
+            return
         proj = self.patch_embed.proj
         fan_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
         bound = math.sqrt(6.0 / float(fan_in + self.embed_dim))
@@ -277,6 +332,10 @@ class VisionTransformer(nn.Module):
 
     def freeze_patch_embed(self) -> None:
         """The paper's random patch projection: fixed after init (requires_grad False)."""
+        if self.stem != "patch":
+            raise ValueError(
+                "a conv stem is not frozen (the reference freezes a patch projection only)"
+            )
         self.patch_embed.proj.weight.requires_grad = False
         self.patch_embed.proj.bias.requires_grad = False
 

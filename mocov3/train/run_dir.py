@@ -45,6 +45,7 @@ _TEMP_GLOBS = (
 _ARCH_KEYS = (
     "arch",
     "small_stem",
+    "stem",
     "resnet_width",
     "pred_last_bn",
     "patch_size",

@@ -199,9 +199,39 @@ class _DDP(nn.Module):
         self.module = module
 
 
-def _reference_vit(dim: int, heads: int = 12) -> nn.Module:
+class _ReferenceConvStem(nn.Module):
+    """The reference's ``vits.ConvStem`` in its key names (``proj.0`` .. ``proj.12``),
+    written from its description for timm's ``embed_layer``: four conv3x3(stride 2, no
+    bias)-BN-ReLU layers from 3 channels to dim/8, doubling, then a 1x1 conv with bias."""
+
+    def __init__(self, img_size: tuple, patch_size: int, embed_dim: int, **_: object) -> None:
+        super().__init__()
+        self.num_patches = (img_size[0] // patch_size) ** 2  # timm passes the size as a pair
+        layers: list[nn.Module] = []
+        width_in, width_out = 3, embed_dim // 8
+        for _layer in range(4):
+            layers += [
+                nn.Conv2d(width_in, width_out, 3, 2, 1, bias=False),
+                nn.BatchNorm2d(width_out),
+                nn.ReLU(inplace=True),
+            ]
+            width_in, width_out = width_out, width_out * 2
+        layers.append(nn.Conv2d(width_in, embed_dim, 1))
+        self.proj = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+def _reference_vit(dim: int, heads: int = 12, conv_stem: bool = False) -> nn.Module:
+    stem = {"embed_layer": _ReferenceConvStem, "depth": 11} if conv_stem else {}
     vit = timm.create_model(
-        "vit_small_patch16_224", pretrained=False, embed_dim=dim, num_heads=heads, num_classes=0
+        "vit_small_patch16_224",
+        pretrained=False,
+        embed_dim=dim,
+        num_heads=heads,
+        num_classes=0,
+        **stem,
     )
     with torch.no_grad():
         vit.pos_embed.copy_(sincos_position_table(14, dim))
@@ -225,8 +255,8 @@ def _randomise_bn(module: nn.Module) -> None:
 
 def _reference_pretraining(kind: str, tmp_path: Path) -> tuple[Path, _ReferenceMoCo]:
     torch.manual_seed(0)
-    if kind == "vit_small":
-        bases = [_reference_vit(384) for _ in range(2)]
+    if kind.startswith("vit"):
+        bases = [_reference_vit(384, conv_stem=kind == "vit_conv_small") for _ in range(2)]
         head, dim, last_bn = "head", 384, True
     else:
         bases = [_reference_resnet50() for _ in range(2)]
@@ -244,16 +274,17 @@ def _reference_pretraining(kind: str, tmp_path: Path) -> tuple[Path, _ReferenceM
     return file, reference.eval()
 
 
-@pytest.mark.parametrize("kind", ["vit_small", "resnet50"])
+@pytest.mark.parametrize("kind", ["vit_small", "vit_conv_small", "resnet50"])
 def test_reference_pretraining_checkpoint_converts_and_loads_strictly(tmp_path, kind):
     file, reference = _reference_pretraining(kind, tmp_path)
     out = tmp_path / "ours.pt"
     assert main(["import-reference", str(file), "--out", str(out)]) == 0
     torch.load(out, map_location="cpu", weights_only=True)  # plain tensors and values only
     run = open_checkpoint(out)  # strict load into the model its config describes
-    size = 224 if kind == "vit_small" else 64
+    vit = kind.startswith("vit")
+    size = 224 if vit else 64
     images = torch.randn(2, 3, size, size)
-    head = "head" if kind == "vit_small" else "fc"
+    head = "head" if vit else "fc"
     with torch.no_grad():
         for ours, theirs in [
             (run.backbone("query"), reference.base_encoder),
@@ -269,9 +300,13 @@ def test_reference_pretraining_checkpoint_converts_and_loads_strictly(tmp_path, 
         torch.testing.assert_close(projected, expected, atol=1e-5, rtol=1e-4)
         q = run.model.predictor.eval()(projected)
         torch.testing.assert_close(q, reference.predictor(expected), atol=1e-5, rtol=1e-4)
-    if kind == "vit_small":
+    if vit:
         assert run.model.backbone.num_heads == 12  # the reference's ViT-S, not DeiT's 6
         assert run.config.model.pos_embed == "sincos"
+        conv = kind == "vit_conv_small"
+        assert run.config.model.stem == ("conv" if conv else "patch")
+        assert len(run.model.backbone.blocks) == (11 if conv else 12)
+        assert run.config.model.freeze_patch_embed is not conv
     else:
         assert run.config.model.pred_last_bn is False and run.config.optim.name == "lars"
 
@@ -466,4 +501,21 @@ def test_vit_bn_exports_natively_with_its_running_statistics_and_refuses_timm(tm
     assert back.mlp_norm == "batchnorm"
     torch.testing.assert_close(back.blocks[0].norm2.running_var, ours.blocks[0].norm2.running_var)
     images = torch.randn(2, 1, 28, 28)
+    assert torch.equal(_features(back, images), _features(ours, images))
+
+
+def test_conv_stem_vit_exports_natively_with_its_stem_statistics_and_refuses_timm(tmp_path):
+    torch.manual_seed(0)
+    ours = VisionTransformer(32, 16, 1, 32, 2, 2, stem="conv")
+    ours(torch.randn(8, 1, 32, 32) * 2 + 1)  # the stem's BN statistics away from their init
+    ours.eval()
+    with pytest.raises(ExportError, match="conv stem.*--format native"):
+        save_pretrained(ours, tmp_path / "timm")
+    save_pretrained(ours, tmp_path / "native", timm_fields=False)
+    back = from_pretrained(tmp_path / "native")
+    assert back.stem == "conv" and len(back.blocks) == 2
+    torch.testing.assert_close(
+        back.patch_embed.proj[1].running_mean, ours.patch_embed.proj[1].running_mean
+    )
+    images = torch.randn(2, 1, 32, 32)
     assert torch.equal(_features(back, images), _features(ours, images))

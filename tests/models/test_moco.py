@@ -174,3 +174,33 @@ def test_both_encoders_compute_only_the_class_token_in_the_last_block():
         load_config(TINY, ["model.mlp_norm=batchnorm", "moco.concat_views=false"]), 1
     )
     assert not vit_bn.backbone.class_token_only_last_block  # its MLP norm reads every token
+
+
+def test_conv_stem_learns_and_its_momentum_copy_moves_only_by_the_ema():
+    model, config = _model(
+        **{
+            "model.stem": "conv",
+            "model.patch_size": 16,
+            "data.image_size": 32,
+            "model.freeze_patch_embed": "false",
+            "moco.concat_views": "false",
+        }
+    )
+    optimizer = build_optimizer(model, config.optim, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(1)
+    x1, x2 = (torch.randn(8, 1, 32, 32, generator=generator) for _ in range(2))
+    stem, key_stem = model.backbone.patch_embed.proj, model.momentum_backbone.patch_embed.proj
+    model(x1, x2, momentum=0.9).backward()
+    assert all(p.grad is not None for p in stem.parameters())  # every stem tensor learns
+    assert all(p.grad is None and not p.requires_grad for p in key_stem.parameters())
+    optimizer.step()
+    optimizer.zero_grad()
+    query = {n: p.detach().clone() for n, p in stem.named_parameters()}
+    key_before = {n: p.detach().clone() for n, p in key_stem.named_parameters()}
+    model(x1, x2, momentum=0.7)
+    for name, key in key_stem.named_parameters():
+        expected = 0.7 * key_before[name] + 0.3 * query[name]
+        torch.testing.assert_close(key.detach(), expected, rtol=1e-6, atol=1e-6)
+    # BN statistics are not averaged: each encoder's come from its own forward passes
+    assert not torch.equal(key_stem[1].running_mean, stem[1].running_mean)
+    assert int(key_stem[1].num_batches_tracked) == int(stem[1].num_batches_tracked) == 4

@@ -6,7 +6,12 @@ import pytest
 import timm
 import torch
 
+from mocov3.config import load_config, resolve_model_dims
+from mocov3.errors import ConfigError
+from mocov3.models.heads import SyncBatchNorm2d
+from mocov3.models.moco import build_backbone
 from mocov3.models.vit import (
+    ConvStem,
     TokenBatchNorm,
     VisionTransformer,
     set_attention_kernel,
@@ -235,3 +240,69 @@ def test_the_class_token_only_last_block_is_the_same_function() -> None:
     # ViT-BN's MLP norm takes statistics over every token, so it keeps the whole block
     assert not VisionTransformer(img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=3,
                                  mlp_norm="batchnorm").class_token_only_last_block  # fmt: skip
+
+
+def _conv_stem_parameters(in_chans: int, dim: int) -> int:
+    """By hand: 3x3 convs without bias from in_chans to dim/8, dim/4, dim/2, dim; a BN
+    (weight and bias) after each; a 1x1 conv dim -> dim with bias."""
+    widths = [dim // 8, dim // 4, dim // 2, dim]
+    convs = sum(9 * a * b for a, b in zip([in_chans, *widths[:-1]], widths, strict=True))
+    return convs + 2 * sum(widths) + dim * dim + dim
+
+
+def test_conv_stem_layers_shapes_and_parameter_count_by_hand():
+    stem = ConvStem(img_size=224, patch_size=16, in_chans=3, embed_dim=384)
+    kinds = [type(layer).__name__ for layer in stem.proj]
+    assert kinds == ["Conv2d", "SyncBatchNorm2d", "ReLU"] * 4 + ["Conv2d"]  # BN after each conv
+    convs = [layer for layer in stem.proj if isinstance(layer, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [48, 96, 192, 384, 384]
+    assert [c.stride for c in convs] == [(2, 2)] * 4 + [(1, 1)]
+    assert [c.bias is not None for c in convs] == [False] * 4 + [True]
+    assert all(isinstance(stem.proj[i], SyncBatchNorm2d) for i in (1, 4, 7, 10))
+    assert sum(p.numel() for p in stem.parameters()) == _conv_stem_parameters(3, 384) == 1021488
+    tokens = stem(torch.randn(2, 3, 224, 224))
+    assert tokens.shape == (2, 196, 384) and stem.grid_size == 14
+
+
+def test_conv_stem_vit_small_is_the_references_vit_conv_small():
+    overrides = ["model.stem=conv", "model.freeze_patch_embed=false", "moco.concat_views=false"]
+    config = load_config(None, ["model.arch=vit_small", *overrides])
+    assert resolve_model_dims(config.model) == (384, 11, 12)  # one block fewer
+    conv = build_backbone(config, 3)
+    patch = build_backbone(load_config(None, ["model.arch=vit_small"]), 3)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    block = count(patch.blocks[0])
+    assert count(conv) == count(patch) - count(patch.patch_embed) - block + _conv_stem_parameters(
+        3, 384
+    )
+    assert conv(torch.randn(2, 3, 224, 224)).shape == (2, 384)
+    with pytest.raises(ValueError, match="not frozen"):
+        conv.freeze_patch_embed()
+    explicit = load_config(
+        None,
+        [
+            "model.arch=vit_custom",
+            "model.embed_dim=64",
+            "model.depth=3",
+            "model.num_heads=2",
+            *overrides,
+        ],
+    )
+    assert resolve_model_dims(explicit.model)[1] == 3  # an explicit depth is kept
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.patch_size=8", "data.image_size=32"], "patch_size 16"),
+        (["model.freeze_patch_embed=true"], "freeze_patch_embed must be false"),
+        (["moco.concat_views=true"], "concat_views must be false"),
+        (["model.stem=hybrid"], "must be patch or conv"),
+    ],
+)
+def test_conv_stem_settings_it_cannot_honour_are_one_line_errors(overrides, message):
+    base = ["model.stem=conv", "model.freeze_patch_embed=false", "moco.concat_views=false"]
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*base, *overrides])
+    with pytest.raises(ConfigError, match="model.stem is a ViT option"):
+        load_config("configs/resnet18_demo.yaml", ["model.stem=conv"])
