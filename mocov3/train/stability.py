@@ -9,8 +9,9 @@ projection or ResNet stem, the first, middle and last blocks, the heads) from th
 gradients the step already computed: no extra backward pass. :class:`InstabilityDetector`
 turns those norms, the loss and the kNN monitor into events: a gradient spike (a group's
 norm far above its running median), a loss rise against its running median, and a kNN
-dip below the best value so far. Its state is saved in checkpoints so a resumed run flags
-exactly what an uninterrupted one would.
+dip below the best value so far, and pairs a first-layer spike with a last-block spike that
+follows it (:func:`ordered_spike_pairs`, the paper's ordering). Its state is saved in
+checkpoints so a resumed run flags exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from mocov3.optim.optimizers import trainable_parameters
 LOSS_SMOOTHING_STEPS = 10
 # the group the paper's Fig. 4 calls "first layer", in the order of preference
 FIRST_LAYER_GROUPS = ("patch_embed", "stem", "blocks.first")
+LAST_LAYER_GROUP = "blocks.last"  # the paper's Fig. 4 "last layer"
 
 
 def _trainable(modules: list[nn.Module]) -> list[nn.Parameter]:
@@ -37,8 +39,9 @@ def _trainable(modules: list[nn.Module]) -> list[nn.Parameter]:
 
 
 def _backbone_blocks(backbone: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """(first-layer modules, residual blocks in order): a ViT's patch projection and
-    transformer blocks, or a ResNet's stem (conv1, bn1) and the blocks of layer1-4."""
+    """(first-layer modules, residual blocks in order): a ViT's patch projection (or conv
+    stem) and transformer blocks, or a ResNet's stem (conv1, bn1) and the blocks of
+    layer1-4."""
     if hasattr(backbone, "blocks"):
         return [backbone.patch_embed], list(backbone.blocks)
     stem = [getattr(backbone, name) for name in ("conv1", "bn1") if hasattr(backbone, name)]
@@ -53,16 +56,17 @@ def _backbone_blocks(backbone: nn.Module) -> tuple[list[nn.Module], list[nn.Modu
 def gradient_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """Named groups of trainable parameters, ordered from input to output.
 
-    ``patch_embed`` (ViT; absent when frozen, as it then has no gradient) or ``stem``
-    (ResNet), ``blocks.first``, ``blocks.middle``, ``blocks.last`` (residual blocks;
-    fewer when there are fewer than 3), ``projector``, ``predictor`` (absent when there is
-    none). ``total`` (all trainable tensors) is added by the monitor; in a ViT it is
-    dominated by the class token, whose gradient is large because the token starts near 0
-    and the first LayerNorm divides by its tiny spread."""
+    ``patch_embed`` (ViT; absent when frozen, as it then has no gradient) or ``stem`` (a
+    ViT's conv stem, a ResNet's conv1 and bn1), ``blocks.first``, ``blocks.middle``,
+    ``blocks.last`` (residual blocks; fewer when there are fewer than 3), ``projector``,
+    ``predictor`` (absent when there is none). ``total`` (all trainable tensors) is added
+    by the monitor; in a ViT it is dominated by the class token, whose gradient is large
+    because the token starts near 0 and the first LayerNorm divides by its tiny spread."""
     backbone = model.backbone
     first_layer, blocks = _backbone_blocks(backbone)
     groups: dict[str, list[nn.Parameter]] = {}
-    first_name = "patch_embed" if hasattr(backbone, "blocks") else "stem"
+    patch_projection = hasattr(backbone, "blocks") and getattr(backbone, "stem", "patch") == "patch"
+    first_name = "patch_embed" if patch_projection else "stem"
     candidates: list[tuple[str, list[nn.Module]]] = [(first_name, first_layer)]
     if blocks:
         last, middle = len(blocks) - 1, len(blocks) // 2
@@ -83,6 +87,29 @@ def first_layer_group(names: list[str] | tuple[str, ...]) -> str | None:
     """The group standing for the paper's "first layer": the patch projection when it
     learns, else the ResNet stem, else the first block (a frozen projection has no grad)."""
     return next((name for name in FIRST_LAYER_GROUPS if name in names), None)
+
+
+def ordered_spike_pairs(
+    first_steps: list[int], last_steps: list[int], within: int
+) -> list[tuple[int, int]]:
+    """The paper's ordering (Sec. 5, Fig. 4): ``(first, last)`` step pairs where a
+    first-layer spike is followed, 1 to ``within`` steps later, by a last-layer spike.
+
+    Each spike is used once: in time order, a last-layer spike is paired with the latest
+    unpaired first-layer spike before it in the window (the one that most plausibly
+    travelled). Spikes at the same step are simultaneous, not ordered."""
+    pairs: list[tuple[int, int]] = []
+    open_first: list[int] = []
+    firsts = sorted(first_steps)
+    index = 0
+    for last in sorted(last_steps):
+        while index < len(firsts) and firsts[index] < last:
+            open_first.append(firsts[index])
+            index += 1
+        open_first = [step for step in open_first if last - step <= within]
+        if open_first:
+            pairs.append((open_first.pop(), last))
+    return pairs
 
 
 class GradientMonitor:
@@ -173,7 +200,9 @@ class InstabilityDetector:
     Counted events: each kNN dip and loss rise, and each gradient-spike *episode*: spikes
     in any group that start within ``merge_steps`` of an episode's first one belong to it,
     as one instability travels from the first layer to the last in tens of iterations.
-    Every per-group spike is still returned (and logged) with its group.
+    Every per-group spike is still returned (and logged) with its group, and its step kept:
+    :meth:`summary` reports the *ordered* spikes, a first-layer spike followed within
+    ``merge_steps`` by a last-block spike (:func:`ordered_spike_pairs`).
     """
 
     def __init__(
@@ -195,6 +224,7 @@ class InstabilityDetector:
         self.loss_ema: float | None = None
         self.counts = {"grad_spike": 0, "loss_rise": 0, "knn_dip": 0}
         self.spikes_by_group: dict[str, int] = {}
+        self.spike_steps: dict[str, list[int]] = {}  # group: steps its spikes started
 
     @classmethod
     def from_config(cls, settings: StabilityConfig) -> InstabilityDetector:
@@ -235,6 +265,7 @@ class InstabilityDetector:
             if event is not None:
                 events.append(event)
                 self.spikes_by_group[series] = self.spikes_by_group.get(series, 0) + 1
+                self.spike_steps.setdefault(series, []).append(step)
         if events and (self.episode_start is None or step - self.episode_start > self.merge_steps):
             self.episode_start = step
             self.counts["grad_spike"] += 1
@@ -264,12 +295,27 @@ class InstabilityDetector:
         return []
 
     # -------------------------------------------------------------- reporting
+    def ordered_spikes(self) -> list[tuple[int, int]]:
+        """(first-layer step, last-block step) pairs of :func:`ordered_spike_pairs`; the
+        first layer is the patch projection (or stem) when it learns, else the first block."""
+        first = first_layer_group(list(self.spike_steps) + list(self.history))
+        if first is None:
+            return []
+        return ordered_spike_pairs(
+            self.spike_steps.get(first, []),
+            self.spike_steps.get(LAST_LAYER_GROUP, []),
+            self.merge_steps,
+        )
+
     def summary(self) -> dict[str, Any]:
         """What ``summary.json`` records as ``instability_events``."""
+        pairs = self.ordered_spikes()
         return {
             "total": self.total,
             **self.counts,
             "grad_spikes_by_group": dict(self.spikes_by_group),
+            "ordered_spikes": len(pairs),
+            "ordered_spike_leads": [last - first for first, last in pairs],
         }
 
     @property
@@ -287,6 +333,7 @@ class InstabilityDetector:
             "loss_ema": self.loss_ema,
             "counts": dict(self.counts),
             "spikes_by_group": dict(self.spikes_by_group),
+            "spike_steps": {name: list(steps) for name, steps in self.spike_steps.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -301,6 +348,10 @@ class InstabilityDetector:
         self.loss_ema = state.get("loss_ema")
         self.counts.update({k: int(v) for k, v in state.get("counts", {}).items()})
         self.spikes_by_group = {k: int(v) for k, v in state.get("spikes_by_group", {}).items()}
+        self.spike_steps = {
+            name: [int(step) for step in steps]
+            for name, steps in state.get("spike_steps", {}).items()
+        }
 
 
 def event_record(event: InstabilityEvent) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from mocov3.train.stability import (
     InstabilityDetector,
     first_layer_group,
     gradient_groups,
+    ordered_spike_pairs,
 )
 from mocov3.train.trainer import Trainer
 
@@ -65,6 +66,50 @@ def test_detector_flags_each_spike_once_and_merges_an_episode():
     assert summary["grad_spike"] == 2  # episodes, not group spikes
     assert summary["grad_spikes_by_group"] == {"patch_embed": 2, "blocks.last": 1}
     assert summary["total"] == 2
+
+
+def test_ordering_rule_pairs_a_first_layer_spike_with_a_later_last_layer_spike():
+    # hand-made: 100 -> 130 (30 later) is ordered; 200 and 200 are simultaneous, not ordered;
+    # 300 -> 360 is 60 steps, outside a 50-step window; 400, 410 -> 420: the latest first
+    # spike travelled (410 -> 420) and 400 stays unpaired; 500 -> 501 is ordered
+    first = [100, 200, 300, 400, 410, 500]
+    last = [130, 200, 360, 420, 501, 505]
+    assert ordered_spike_pairs(first, last, within=50) == [(100, 130), (410, 420), (500, 501)]
+    assert ordered_spike_pairs(first, last, within=60) == [
+        (100, 130),
+        (300, 360),
+        (410, 420),
+        (500, 501),
+    ]
+    # the order matters: last-layer spikes leading first-layer ones pair differently
+    assert ordered_spike_pairs(last, first, within=50) == [(360, 400)]
+    assert ordered_spike_pairs([], last, within=50) == ordered_spike_pairs(first, [], 50) == []
+
+
+def test_detector_reports_ordered_spikes_on_a_synthetic_trace():
+    first, last = smooth_series(900), smooth_series(900, 1)
+    first[200:203] *= 30  # the first layer spikes ...
+    last[240] *= 15  # ... and the last block 40 steps later: ordered
+    last[500] *= 15  # a last-block spike with no first-layer spike before it
+    first[700] *= 15  # a first-layer spike the last block never follows
+    last[700] *= 15  # ... except at the same step, which is not "later"
+    detector = InstabilityDetector(merge_steps=50)
+    feed(
+        detector, {"patch_embed": first, "blocks.first": smooth_series(900, 2), "blocks.last": last}
+    )
+    summary = detector.summary()
+    assert summary["grad_spikes_by_group"] == {"patch_embed": 2, "blocks.last": 3}
+    assert summary["ordered_spikes"] == 1 and summary["ordered_spike_leads"] == [40]
+    # a frozen projection: the first block stands for the first layer
+    frozen = InstabilityDetector(merge_steps=50)
+    blocks_first = smooth_series(900, 2)
+    blocks_first[100] *= 20
+    feed(frozen, {"blocks.first": blocks_first, "blocks.last": last})
+    assert frozen.summary()["ordered_spikes"] == 0  # 100 is 140 steps before 240
+    # the steps survive a checkpoint: a resumed detector pairs the same spikes
+    resumed = InstabilityDetector(merge_steps=50)
+    resumed.load_state_dict(json.loads(json.dumps(detector.state_dict())))
+    assert resumed.summary() == summary
 
 
 def test_detector_needs_its_warmup_and_ignores_nan():
@@ -162,6 +207,24 @@ def test_frozen_patch_projection_and_resnet_groups():
     groups = gradient_groups(build_moco(resnet, 1))
     assert list(groups)[:4] == ["stem", "blocks.first", "blocks.middle", "blocks.last"]
     assert first_layer_group(list(groups)) == "stem"
+
+
+def test_conv_stem_is_the_first_layer_group():
+    config = load_config(
+        TINY,
+        [
+            "model.stem=conv",
+            "model.patch_size=16",
+            "data.image_size=32",
+            "model.freeze_patch_embed=false",
+            "moco.concat_views=false",
+        ],
+    )
+    model = build_moco(config, 1)
+    groups = gradient_groups(model)
+    assert list(groups)[0] == "stem" and first_layer_group(list(groups)) == "stem"
+    stem_params = {id(p) for p in model.backbone.patch_embed.parameters()}
+    assert {id(p) for p in groups["stem"]} == stem_params  # convs, BNs and the 1x1 conv
 
 
 def test_bad_stability_settings_are_one_line_errors():
