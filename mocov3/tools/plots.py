@@ -114,12 +114,44 @@ def _plot_grad_norms(records: list[dict], path: Path) -> Path | None:
 def _plot_stability(records: list[dict], path: Path) -> Path | None:
     """The paper's Fig. 4 at run scale: first-layer and last-block gradient norms over
     iterations, the kNN curve under them, instability events marked on both."""
+    if _stability_groups(records) is None:
+        return None
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    _draw_stability(top, bottom, records)
+    top.set_title("gradient norms (triangles: spikes) and kNN; dashed: instability events")
+    return _save(figure, path)
+
+
+def plot_stability_pair(
+    runs: list[tuple[str, list[dict]]], path: Path, title: str = ""
+) -> Path | None:
+    """Runs side by side in the paper's Fig. 4 style (e.g. a learned and a frozen patch
+    projection at one lr): per run, first-layer and last-block gradient norms over
+    iterations above its kNN curve, on shared axes so the spikes compare at a glance."""
+    runs = [(name, records) for name, records in runs if _stability_groups(records)]
+    if not runs:
+        return None
+    figure, axes = plt.subplots(
+        2, len(runs), figsize=(5.5 * len(runs), 5.5), sharex=True, sharey="row", squeeze=False
+    )
+    for column, (name, records) in enumerate(runs):
+        _draw_stability(axes[0][column], axes[1][column], records)
+        axes[0][column].set_title(name, fontsize=9)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    return _save(figure, path)
+
+
+def _stability_groups(records: list[dict]) -> tuple[str | None, list[str]] | None:
+    """(first-layer group, the groups to draw) or None when no gradient norms were logged."""
     groups = grad_groups(records)
     first = first_layer_group(groups)
     shown = [g for g in (first, "blocks.last") if g is not None and g in groups]
-    if not shown:
-        return None
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    return (first, shown) if shown else None
+
+
+def _draw_stability(top: plt.Axes, bottom: plt.Axes, records: list[dict]) -> None:
+    first, shown = _stability_groups(records) or (None, [])
     events = _events(records)
     for index, group in enumerate(shown):
         xs, ys = _series(records, "grad", group)
@@ -131,7 +163,6 @@ def _plot_stability(records: list[dict], path: Path) -> Path | None:
         top.plot(event["step"], event["value"], "v", color=f"C{index}", ms=6)
     top.set_yscale("log")
     top.set_ylabel("gradient L2 norm")
-    top.set_title("gradient norms (triangles: spikes) and kNN; dashed: instability events")
     _mark_events(top, events)
     top.legend(fontsize=7)
     top.grid(alpha=0.3)
@@ -147,7 +178,6 @@ def _plot_stability(records: list[dict], path: Path) -> Path | None:
     if any(not line.get_label().startswith("_") for line in bottom.lines):
         bottom.legend(fontsize=7)
     bottom.grid(alpha=0.3)
-    return _save(figure, path)
 
 
 def _knn_keys(records: list[dict], kind: str) -> list[str]:

@@ -40,6 +40,7 @@ from mocov3.eval.features import FEATURE_KINDS, kind_refusal
 from mocov3.eval.linear import ProbeSettings, probe_run, result_file_name, write_result
 from mocov3.models.checkpoint import open_checkpoint
 from mocov3.tools.plots import plot_run, plot_study
+from mocov3.tools.study_tables import clearest_pair_plot, pairs_table, run_instability, seeds_table
 from mocov3.train.trainer import pretrain
 
 STUDY_KEYS = ("title", "question", "budget", "base", "set", "grid", "runs", "linear", "paper")
@@ -306,7 +307,10 @@ def run_study(study: Study, out_dir: Path, command: str, shard: tuple[int, int] 
 # --------------------------------------------------------------------------- report
 
 
-def result_row(run: StudyRun, run_dir: Path, linear_name: str = "linear.json") -> dict[str, Any]:
+def result_row(
+    run: StudyRun, run_dir: Path, linear_name: str = "linear.json", merge_steps: int = 50
+) -> dict[str, Any]:
+    """One run's results; ``merge_steps``: its stability.merge_steps (the ordering window)."""
     summary = _read_json(run_dir / "summary.json") or {}
     linear = _read_json(run_dir / linear_name) or {}
     events = summary.get("instability_events", {})
@@ -322,6 +326,7 @@ def result_row(run: StudyRun, run_dir: Path, linear_name: str = "linear.json") -
         "grad_spikes": events.get("grad_spike"),
         "loss_rises": events.get("loss_rise"),
         "knn_dips": events.get("knn_dip"),
+        **run_instability(run_dir, merge_steps),
         "final_loss": summary.get("final_loss"),
         "images_per_second": summary.get("images_per_second"),
         "train_seconds": summary.get("train_seconds"),
@@ -348,6 +353,7 @@ def results_table(rows: list[dict[str, Any]], varied: list[str]) -> str:
         ("linear_top1", "linear top-1"),
         ("instability_events", "events"),
         ("grad_spikes", "grad spikes"),
+        ("ordered_spikes", "ordered spikes"),
         ("loss_rises", "loss rises"),
         ("knn_dips", "kNN dips"),
         ("images_per_second", "img/s"),
@@ -371,7 +377,9 @@ def write_report(study: Study, out_dir: Path, command: str) -> Path:
         if pretrain_done(out_dir / "runs" / run.name)
     ]
     linear_name = linear_file(study.linear) if study.linear else "linear.json"
-    rows = [result_row(run, run_dir, linear_name) for run, run_dir in finished]
+    rows = [
+        result_row(run, run_dir, linear_name, _merge_steps(study, run)) for run, run_dir in finished
+    ]
     failed = {
         run.name: failure["error"]
         for run in study.runs
@@ -395,10 +403,13 @@ def write_report(study: Study, out_dir: Path, command: str) -> Path:
         results_table(rows, study.varied),
         "",
         "kNN top-1: weighted kNN (the run's eval settings) after training; events: gradient-"
-        "spike episodes + loss rises + kNN dips flagged by the instability detector; wall s: "
-        "pretraining (all its sessions, with its kNN evaluations) plus the linear probe.",
+        "spike episodes + loss rises + kNN dips flagged by the instability detector; ordered "
+        "spikes: a first-layer spike followed within stability.merge_steps by a last-block "
+        "spike (the paper's Fig. 4); wall s: pretraining (all its sessions, with its kNN "
+        "evaluations) plus the linear probe.",
         "",
     ]
+    lines += _grid_tables(rows, study, out_dir)
     if failed:
         lines += ["Failed runs (training stopped with an error, e.g. a non-finite loss):", ""]
         lines += [f"- `{name}`: {error}" for name, error in failed.items()] + [""]
@@ -408,6 +419,48 @@ def write_report(study: Study, out_dir: Path, command: str) -> Path:
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _merge_steps(study: Study, run: StudyRun) -> int:
+    return load_config(study.base, run.overrides).stability.merge_steps
+
+
+def _grid_tables(rows: list[dict[str, Any]], study: Study, out_dir: Path) -> list[str]:
+    """The over-seeds and frozen-vs-learned tables and the clearest pair's plot, where the
+    grid has them (mocov3/tools/study_tables.py)."""
+    lines: list[str] = []
+    seeds = seeds_table(rows, study.varied)
+    if seeds:
+        lines += [
+            "## Over seeds",
+            "",
+            "Mean (min to max) over the seeds of each setting; counts per seed.",
+            "",
+            seeds,
+            "",
+        ]
+    pairs = pairs_table(rows, study.varied)
+    if pairs:
+        lines += [
+            "## Frozen vs learned patch projection",
+            "",
+            "Each learned run beside its frozen twin (same other settings); gains are frozen "
+            "minus learned, mean (min to max) over the pairs.",
+            "",
+            pairs,
+            "",
+        ]
+    plot = clearest_pair_plot(rows, study.varied, out_dir / "runs", out_dir)
+    if plot:
+        lines += [
+            "The learned run with the most ordered spikes beside its frozen twin (gradient "
+            "norms of the first layer and the last block, triangles: spikes; the kNN monitor "
+            "beneath; dashed: instability events):",
+            "",
+            f"![{plot.stem}]({plot.name})",
+            "",
+        ]
+    return lines
 
 
 def _relative(path: Path) -> str:

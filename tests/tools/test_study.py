@@ -152,6 +152,8 @@ def test_run_names_and_the_shipped_studies():
         "hour_heads2",
         "hour_lr",
         "hour_search",
+        "instability",
+        "instability_conv_stem",
         "momentum",
         "patch_projection",
         "position_embedding",
