@@ -154,6 +154,7 @@ def test_run_names_and_the_shipped_studies():
         "hour_search",
         "instability",
         "instability_conv_stem",
+        "instability_search",
         "momentum",
         "patch_projection",
         "position_embedding",
