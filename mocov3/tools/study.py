@@ -34,7 +34,13 @@ from typing import Any
 
 import yaml
 
-from mocov3.config import Config, is_resnet_arch, load_config, resolve_model_dims
+from mocov3.config import (
+    Config,
+    config_from_dict,
+    is_resnet_arch,
+    load_config,
+    resolve_model_dims,
+)
 from mocov3.errors import ConfigError, TrainingError
 from mocov3.eval.features import FEATURE_KINDS, kind_refusal
 from mocov3.eval.linear import ProbeSettings, probe_run, result_file_name, write_result
@@ -231,7 +237,11 @@ def _claim(run_dir: Path, config: dict[str, Any]) -> None:
     (the config itself, not the file names it came from, so a moved study still resumes)."""
     marker = run_dir / "study_run.json"
     existing = _read_json(marker)
-    if existing is not None and "config" in existing and existing["config"] != config:
+    if (
+        existing is not None
+        and "config" in existing
+        and _with_defaults(existing["config"]) != config
+    ):
         raise ConfigError(
             f"{run_dir} was made with other settings than the study now gives: delete it to "
             "rerun it, or use another --out"
@@ -241,6 +251,15 @@ def _claim(run_dir: Path, config: dict[str, Any]) -> None:
     if existing is None or "config" not in existing:
         run_dir.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"config": config}, indent=2) + "\n")
+
+
+def _with_defaults(recorded: dict[str, Any]) -> dict[str, Any] | None:
+    """A recorded config with the keys a later version added at their defaults (a study
+    begun before an upgrade resumes); None when it no longer reads as a config."""
+    try:
+        return config_from_dict(recorded).to_dict()
+    except ConfigError:
+        return None
 
 
 def pretrain_done(run_dir: Path) -> bool:

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from mocov3.cli import main
+from mocov3.config import load_config
 from mocov3.errors import ConfigError
-from mocov3.tools.study import linear_probe_run, load_study, run_name
+from mocov3.tools.study import _claim, linear_probe_run, load_study, run_name
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -117,6 +118,23 @@ def test_a_changed_study_refuses_to_reuse_a_run_directory(tmp_path, capsys):
     code = main(["study", str(write(tmp_path, TINY_STUDY)), "--out", str(out)])
     assert code == 2
     assert "made with other settings" in capsys.readouterr().err
+
+
+def test_a_run_recorded_before_a_key_was_added_is_still_this_studys(tmp_path, capsys):
+    study = load_study(write(tmp_path, TINY_STUDY))
+    run = study.runs[0]
+    config = load_config(study.base, run.overrides).to_dict()
+    older = json.loads(json.dumps(config))
+    del older["model"]["stem"]  # written by a version without model.stem
+    run_dir = tmp_path / "out" / "runs" / run.name
+    run_dir.mkdir(parents=True)
+    (run_dir / "study_run.json").write_text(json.dumps({"config": older}))
+    assert main(["study", str(study.path), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    _claim(run_dir, config)  # the missing key at its default: the same run
+    older["model"]["depth"] = config["model"]["depth"] + 1
+    (run_dir / "study_run.json").write_text(json.dumps({"config": older}))
+    with pytest.raises(ConfigError, match="made with other settings"):
+        _claim(run_dir, config)
 
 
 @pytest.mark.parametrize(
