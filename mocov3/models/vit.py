@@ -98,7 +98,9 @@ class ConvStem(nn.Module):
     """The reference's convolutional stem (its ``vits.ConvStem``, after Xiao et al. 2021,
     "Early convolutions help transformers see better"): four 3x3 stride-2 conv-BN-ReLU
     layers whose channels start at ``embed_dim / 8`` and double to ``embed_dim``, then a
-    1x1 conv (with bias) to the width, so each token sees a 16x16 patch. Parameter names
+    1x1 conv (with bias) to the width: the token grid of patch 16 (each token's receptive
+    field overlaps its neighbours'). The first conv reads ``in_chans`` channels (the
+    reference's reads 3: RGB only). Parameter names
     equal the reference's (``proj.0`` conv, ``proj.1`` BN, ..., ``proj.12`` the 1x1 conv).
     Its BatchNorms take statistics over the global batch under DDP (:class:`SyncBatchNorm2d`,
     as the reference's SyncBN)."""
