@@ -36,6 +36,7 @@ import yaml
 
 from mocov3.config import (
     Config,
+    StabilityConfig,
     config_from_dict,
     is_resnet_arch,
     load_config,
@@ -327,9 +328,12 @@ def run_study(study: Study, out_dir: Path, command: str, shard: tuple[int, int] 
 
 
 def result_row(
-    run: StudyRun, run_dir: Path, linear_name: str = "linear.json", merge_steps: int = 50
+    run: StudyRun,
+    run_dir: Path,
+    linear_name: str = "linear.json",
+    stability: StabilityConfig | None = None,
 ) -> dict[str, Any]:
-    """One run's results; ``merge_steps``: its stability.merge_steps (the ordering window)."""
+    """One run's results; ``stability``: its stability section (default: the defaults)."""
     summary = _read_json(run_dir / "summary.json") or {}
     linear = _read_json(run_dir / linear_name) or {}
     events = summary.get("instability_events", {})
@@ -345,7 +349,7 @@ def result_row(
         "grad_spikes": events.get("grad_spike"),
         "loss_rises": events.get("loss_rise"),
         "knn_dips": events.get("knn_dip"),
-        **run_instability(run_dir, merge_steps),
+        **run_instability(run_dir, stability or StabilityConfig()),
         "final_loss": summary.get("final_loss"),
         "images_per_second": summary.get("images_per_second"),
         "train_seconds": summary.get("train_seconds"),
@@ -373,6 +377,7 @@ def results_table(rows: list[dict[str, Any]], varied: list[str]) -> str:
         ("instability_events", "events"),
         ("grad_spikes", "grad spikes"),
         ("ordered_spikes", "ordered spikes"),
+        ("first_layer_peak", "first-layer peak"),
         ("loss_rises", "loss rises"),
         ("knn_dips", "kNN dips"),
         ("images_per_second", "img/s"),
@@ -397,7 +402,7 @@ def write_report(study: Study, out_dir: Path, command: str) -> Path:
     ]
     linear_name = linear_file(study.linear) if study.linear else "linear.json"
     rows = [
-        result_row(run, run_dir, linear_name, _merge_steps(study, run)) for run, run_dir in finished
+        result_row(run, run_dir, linear_name, _stability(study, run)) for run, run_dir in finished
     ]
     failed = {
         run.name: failure["error"]
@@ -424,8 +429,9 @@ def write_report(study: Study, out_dir: Path, command: str) -> Path:
         "kNN top-1: weighted kNN (the run's eval settings) after training; events: gradient-"
         "spike episodes + loss rises + kNN dips flagged by the instability detector; ordered "
         "spikes: a first-layer spike followed within stability.merge_steps by a last-block "
-        "spike (the paper's Fig. 4); wall s: pretraining (all its sessions, with its kNN "
-        "evaluations) plus the linear probe.",
+        "spike (the paper's Fig. 4); first-layer peak: the first layer's largest gradient "
+        "norm over its running median (a spike is one above stability.spike_factor); wall s: "
+        "pretraining (all its sessions, with its kNN evaluations) plus the linear probe.",
         "",
     ]
     lines += _grid_tables(rows, study, out_dir)
@@ -440,8 +446,8 @@ def write_report(study: Study, out_dir: Path, command: str) -> Path:
     return path
 
 
-def _merge_steps(study: Study, run: StudyRun) -> int:
-    return load_config(study.base, run.overrides).stability.merge_steps
+def _stability(study: Study, run: StudyRun) -> StabilityConfig:
+    return load_config(study.base, run.overrides).stability
 
 
 def _grid_tables(rows: list[dict[str, Any]], study: Study, out_dir: Path) -> list[str]:

@@ -18,9 +18,15 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from mocov3.config import StabilityConfig
 from mocov3.runtime.logging import read_metrics
 from mocov3.tools.plots import grad_groups, plot_stability_pair
-from mocov3.train.stability import LAST_LAYER_GROUP, first_layer_group, ordered_spike_pairs
+from mocov3.train.stability import (
+    LAST_LAYER_GROUP,
+    RunningMedian,
+    first_layer_group,
+    ordered_spike_pairs,
+)
 
 SEED_KEY = "train.seed"
 FREEZE_KEY = "model.freeze_patch_embed"
@@ -29,8 +35,26 @@ FREEZE_KEY = "model.freeze_patch_embed"
 DIP_WINDOW = 100
 
 
-def run_instability(run_dir: Path, merge_steps: int) -> dict[str, Any]:
-    """A run's ordered spikes and how many a kNN dip followed, from its metrics.jsonl."""
+def peak_ratio(records: list[dict], group: str, settings: StabilityConfig) -> float | None:
+    """The largest ratio of ``group``'s gradient norm to its running median (the detector's
+    window and warm-up): how close the run came to a spike, which is this above
+    ``stability.spike_factor``."""
+    history, peak = RunningMedian(settings.window), None
+    for record in records:
+        value = record.get(group) if record.get("kind") == "grad" else None
+        if value is None or value != value:
+            continue
+        if len(history) >= settings.warmup and history.median() > 0:
+            ratio = value / history.median()
+            peak = ratio if peak is None else max(peak, ratio)
+        history.add(value)
+    return None if peak is None else round(peak, 2)
+
+
+def run_instability(run_dir: Path, settings: StabilityConfig) -> dict[str, Any]:
+    """A run's ordered spikes, how many a kNN dip followed, and the first layer's and last
+    block's peak ratios, from its metrics.jsonl (``settings``: its stability section)."""
+    merge_steps = settings.merge_steps
     records = read_metrics(run_dir / "metrics.jsonl")
     events = [r for r in records if r.get("kind") == "instability"]
     spikes: dict[str, list[int]] = {}
@@ -50,6 +74,8 @@ def run_instability(run_dir: Path, merge_steps: int) -> dict[str, Any]:
         "ordered_spikes": len(pairs),
         "ordered_spike_leads": [last - first_step for first_step, last in pairs],
         "ordered_spikes_then_dip": len(followed),
+        "first_layer_peak": peak_ratio(records, first, settings) if first else None,
+        "last_layer_peak": peak_ratio(records, LAST_LAYER_GROUP, settings),
     }
 
 
@@ -80,10 +106,11 @@ def _grouped(rows: list[dict[str, Any]], keys: list[str]) -> dict[tuple, list[di
 
 
 def seeds_table(rows: list[dict[str, Any]], varied: list[str]) -> str | None:
-    """Mean (range) over seeds of each setting; None unless ``train.seed`` is varied."""
-    if SEED_KEY not in varied:
-        return None
+    """Mean (range) over seeds of each setting; None unless some setting ran with two
+    seeds or more."""
     keys = [key for key in varied if key != SEED_KEY]
+    if SEED_KEY not in varied or max(map(len, _grouped(rows, keys).values()), default=0) < 2:
+        return None
     titles = [key.rsplit(".", 1)[-1] for key in keys]
     lines = [
         "| "
@@ -118,8 +145,9 @@ def seeds_table(rows: list[dict[str, Any]], varied: list[str]) -> str | None:
 
 
 def pairs_table(rows: list[dict[str, Any]], varied: list[str]) -> str | None:
-    """Frozen minus learned, per setting over seeds; None unless the freeze is varied."""
-    if FREEZE_KEY not in varied:
+    """Frozen minus learned, per setting over seeds; None without a learned run and its
+    frozen twin."""
+    if FREEZE_KEY not in varied or not _pairs(rows, varied):
         return None
     keys = [key for key in varied if key not in (FREEZE_KEY, SEED_KEY)]
     lines = [
@@ -176,8 +204,8 @@ def clearest_pair_plot(
     rows: list[dict[str, Any]], varied: list[str], runs_dir: Path, out_dir: Path
 ) -> Path | None:
     """``instability_pair.png``: the learned run with the most ordered spikes (then the most
-    followed by a kNN dip, then spike episodes) beside its frozen twin, in the paper's
-    Fig. 4 style; None without a pair or without a spike in any learned run."""
+    followed by a kNN dip, spike episodes, kNN dips, the highest first-layer peak) beside
+    its frozen twin, in the paper's Fig. 4 style; None without a pair."""
     if FREEZE_KEY not in varied:
         return None
     pairs = _pairs(rows, varied)
@@ -185,8 +213,10 @@ def clearest_pair_plot(
         pair[0].get("ordered_spikes") or 0,
         pair[0].get("ordered_spikes_then_dip") or 0,
         pair[0].get("grad_spikes") or 0,
+        pair[0].get("knn_dips") or 0,
+        pair[0].get("first_layer_peak") or 0.0,
     )
-    if not pairs or rank(max(pairs, key=rank)) == (0, 0, 0):
+    if not pairs:
         return None
     learned, frozen = max(pairs, key=rank)
     runs = [
@@ -200,7 +230,8 @@ def clearest_pair_plot(
         ),
     ]
     title = (
-        f"{learned.get('ordered_spikes')} ordered spikes learned vs "
-        f"{frozen.get('ordered_spikes')} frozen (first-layer spike, then last block)"
+        f"ordered spikes (first layer, then last block): {learned.get('ordered_spikes')} "
+        f"learned, {frozen.get('ordered_spikes')} frozen; first-layer peak "
+        f"{learned.get('first_layer_peak')}x / {frozen.get('first_layer_peak')}x its running median"
     )
     return plot_stability_pair(runs, out_dir / "instability_pair.png", title)

@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mocov3.config import StabilityConfig
 from mocov3.tools.study_tables import (
     clearest_pair_plot,
     pairs_table,
+    peak_ratio,
     run_instability,
     seeds_table,
 )
 
 VARIED = ["train.seed", "model.freeze_patch_embed", "optim.base_lr"]
+FREEZE = "model.freeze_patch_embed"
 
 
 def _write_run(folder: Path, first: str, spikes: dict[str, list[int]], dips: list[int]) -> Path:
@@ -64,7 +67,7 @@ def test_run_instability_counts_ordered_spikes_and_the_dips_after_them(tmp_path)
         {"patch_embed": [100, 200, 250], "blocks.last": [130, 270], "blocks.first": [101]},
         dips=[150],
     )
-    found = run_instability(run, merge_steps=50)
+    found = run_instability(run, StabilityConfig(merge_steps=50))
     assert found == {
         "first_layer": "patch_embed",
         "first_layer_spikes": 3,
@@ -72,11 +75,22 @@ def test_run_instability_counts_ordered_spikes_and_the_dips_after_them(tmp_path)
         "ordered_spikes": 2,
         "ordered_spike_leads": [30, 20],
         "ordered_spikes_then_dip": 1,
+        "first_layer_peak": 1.0,  # the logged norms are flat: the peak is the median
+        "last_layer_peak": 1.0,
     }
     # a frozen projection logs no patch_embed norm: the first block is the first layer
     frozen = _write_run(tmp_path / "frozen", "blocks.first", {"blocks.first": [120]}, [])
-    assert run_instability(frozen, 50)["first_layer"] == "blocks.first"
-    assert run_instability(frozen, 50)["ordered_spikes"] == 0
+    assert run_instability(frozen, StabilityConfig())["first_layer"] == "blocks.first"
+    assert run_instability(frozen, StabilityConfig())["ordered_spikes"] == 0
+
+
+def test_peak_ratio_is_the_largest_norm_over_its_running_median_after_the_warmup():
+    norms = [1.0] * 30 + [4.0] + [1.0] * 10 + [3.0]
+    records = [{"kind": "grad", "step": i + 1, "g": v} for i, v in enumerate(norms)]
+    records.insert(5, {"kind": "train", "step": 5, "loss": 1.0})  # other records are skipped
+    assert peak_ratio(records, "g", StabilityConfig(window=100, warmup=20)) == 4.0
+    early = [{"kind": "grad", "step": 1, "g": 1.0}, {"kind": "grad", "step": 2, "g": 9.0}]
+    assert peak_ratio(early, "g", StabilityConfig(window=100, warmup=20)) is None  # too few
 
 
 def _row(seed: int, frozen: bool, lr: float, knn: float, linear: float, ordered: int) -> dict:
@@ -112,6 +126,7 @@ def test_seeds_table_gives_mean_and_range_per_setting():
     assert "| true | 0.003 | 2 | 71.50 (71.00 to 72.00) | 76.00 (76.00 to 76.00) | 0/0 |" in table
     assert "| false | 0.001 | 1 | 74.00 | 78.00 | 0 |" in table
     assert seeds_table(ROWS, ["optim.base_lr"]) is None  # no seeds varied: no table
+    assert seeds_table(ROWS[:1] + ROWS[-1:], VARIED) is None  # one seed per setting
 
 
 def test_pairs_table_gives_the_gain_of_freezing_over_seeds():
@@ -122,6 +137,7 @@ def test_pairs_table_gives_the_gain_of_freezing_over_seeds():
     )
     assert "0.001" not in table
     assert pairs_table(ROWS, ["train.seed", "optim.base_lr"]) is None
+    assert pairs_table([row for row in ROWS if not row[FREEZE]], VARIED) is None  # no twins
 
 
 def test_the_clearest_pair_is_the_learned_run_with_most_ordered_spikes(tmp_path):
@@ -131,5 +147,7 @@ def test_the_clearest_pair_is_the_learned_run_with_most_ordered_spikes(tmp_path)
         _write_run(runs / row["run"], first, {first: [100], "blocks.last": [120]}, [])
     plot = clearest_pair_plot(ROWS, VARIED, runs, tmp_path)
     assert plot == tmp_path / "instability_pair.png" and plot.stat().st_size > 10_000
-    calm = [dict(row, ordered_spikes=0, grad_spikes=0) for row in ROWS]
-    assert clearest_pair_plot(calm, VARIED, runs, tmp_path / "none") is None
+    # without any spike the pair is still drawn: the most unstable by its first-layer peak
+    calm = [dict(row, ordered_spikes=0, grad_spikes=0, first_layer_peak=2.0) for row in ROWS]
+    assert clearest_pair_plot(calm, VARIED, runs, tmp_path) == tmp_path / "instability_pair.png"
+    assert clearest_pair_plot(calm, ["optim.base_lr"], runs, tmp_path) is None  # no pairs
