@@ -105,43 +105,35 @@ def _grouped(rows: list[dict[str, Any]], keys: list[str]) -> dict[tuple, list[di
     return groups
 
 
+def _markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+
+
 def seeds_table(rows: list[dict[str, Any]], varied: list[str]) -> str | None:
     """Mean (range) over seeds of each setting; None unless some setting ran with two
     seeds or more."""
     keys = [key for key in varied if key != SEED_KEY]
     if SEED_KEY not in varied or max(map(len, _grouped(rows, keys).values()), default=0) < 2:
         return None
-    titles = [key.rsplit(".", 1)[-1] for key in keys]
-    lines = [
-        "| "
-        + " | ".join(
-            [
-                *titles,
-                "seeds",
-                "kNN top-1",
-                "linear top-1",
-                "ordered spikes",
-                "spike episodes",
-                "kNN dips",
-            ]
-        )
-        + " |",
-        "|" + "---|" * (len(keys) + 6),
-    ]
+    header = [key.rsplit(".", 1)[-1] for key in keys]
+    header += ["seeds", "kNN top-1", "linear top-1", "ordered spikes", "spike episodes"]
+    body = []
     for setting, group in _grouped(rows, keys).items():
         counts = [
             "/".join(str(row.get(name, "-")) for row in group)
             for name in ("ordered_spikes", "grad_spikes", "knn_dips")
         ]
-        cells = [
-            *(_value_text(value) for value in setting),
-            str(len(group)),
-            _spread([row.get("knn_top1") for row in group]),
-            _spread([row.get("linear_top1") for row in group]),
-            *counts,
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(
+            [
+                *(_value_text(value) for value in setting),
+                str(len(group)),
+                _spread([row.get("knn_top1") for row in group]),
+                _spread([row.get("linear_top1") for row in group]),
+                *counts,
+            ]
+        )
+    return _markdown([*header, "kNN dips"], body)
 
 
 def pairs_table(rows: list[dict[str, Any]], varied: list[str]) -> str | None:
@@ -150,37 +142,27 @@ def pairs_table(rows: list[dict[str, Any]], varied: list[str]) -> str | None:
     if FREEZE_KEY not in varied or not _pairs(rows, varied):
         return None
     keys = [key for key in varied if key not in (FREEZE_KEY, SEED_KEY)]
-    lines = [
-        "| "
-        + " | ".join(
-            [
-                *(k.rsplit(".", 1)[-1] for k in keys),
-                "pairs",
-                "ordered spikes learned / frozen",
-                "kNN dips learned / frozen",
-                "kNN gain of freezing",
-                "linear gain of freezing",
-            ]
-        )
-        + " |",
-        "|" + "---|" * (len(keys) + 5),
-    ]
+    header = [key.rsplit(".", 1)[-1] for key in keys]
+    header += ["pairs", "ordered spikes learned / frozen", "kNN dips learned / frozen"]
+    header += ["kNN gain of freezing", "linear gain of freezing"]
+    body = []
     for setting, group in _grouped(rows, keys).items():
         pairs = _pairs(group, varied)
         if not pairs:
             continue
         ordered = [f"{a.get('ordered_spikes')}/{b.get('ordered_spikes')}" for a, b in pairs]
         dips = [f"{a.get('knn_dips')}/{b.get('knn_dips')}" for a, b in pairs]
-        cells = [
-            *(_value_text(value) for value in setting),
-            str(len(pairs)),
-            ", ".join(ordered),
-            ", ".join(dips),
-            _spread([_gain(learned, frozen, "knn_top1") for learned, frozen in pairs]),
-            _spread([_gain(learned, frozen, "linear_top1") for learned, frozen in pairs]),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(
+            [
+                *(_value_text(value) for value in setting),
+                str(len(pairs)),
+                ", ".join(ordered),
+                ", ".join(dips),
+                _spread([_gain(learned, frozen, "knn_top1") for learned, frozen in pairs]),
+                _spread([_gain(learned, frozen, "linear_top1") for learned, frozen in pairs]),
+            ]
+        )
+    return _markdown(header, body)
 
 
 def _gain(learned: dict[str, Any], frozen: dict[str, Any], key: str) -> float | None:
