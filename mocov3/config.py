@@ -20,6 +20,7 @@ import yaml
 
 from mocov3 import presets
 from mocov3.errors import ConfigError
+
 # the model section lives in model_config; its public names are re-exported (X as X)
 from mocov3.model_config import RESNET_SIZES as RESNET_SIZES
 from mocov3.model_config import VIT_SIZES as VIT_SIZES

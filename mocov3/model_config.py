@@ -132,7 +132,7 @@ def _validate_resnet(m: ModelConfig, concat_views: bool) -> None:
     _require(m.stem == "patch", f"model.stem is a ViT option ({m.arch} has its own); remove it")
 
 
-def _validate_vit_stem(m: ModelConfig, image_size: int, concat_views: bool) -> None:
+def _validate_vit_stem(m: ModelConfig, concat_views: bool) -> None:
     _require(m.stem in ("patch", "conv"), f"model.stem '{m.stem}' must be patch or conv")
     if m.stem != "conv":
         return
@@ -186,7 +186,7 @@ def validate_model(m: ModelConfig, image_size: int, concat_views: bool) -> None:
         )
         _require(not m.small_stem, "model.small_stem is a ResNet option; remove it for a ViT")
         _require(m.resnet_width == 64, "model.resnet_width is a ResNet option; remove it for a ViT")
-        _validate_vit_stem(m, image_size, concat_views)
+        _validate_vit_stem(m, concat_views)
         _require(
             m.mlp_norm != "batchnorm" or not concat_views,
             "moco.concat_views must be false with model.mlp_norm batchnorm: one call on both "

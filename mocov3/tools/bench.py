@@ -329,7 +329,8 @@ def describe_model(config: Config, channels: int) -> str:
         width = f" width {m.resnet_width}" if m.resnet_width != 64 else ""
         trunk = f"{m.arch}{width}{' small stem' if m.small_stem else ''}"
     else:
-        trunk = f"ViT {dim}/{depth}/{heads} patch {m.patch_size}"
+        stem = " conv stem" if m.stem == "conv" else ""
+        trunk = f"ViT {dim}/{depth}/{heads} patch {m.patch_size}{stem}"
     return (
         f"{trunk}, {size}x{size}x{channels}, batch "
         f"{config.train.batch_size}, heads {m.proj_hidden_dim}/{m.pred_hidden_dim}/{m.out_dim}"

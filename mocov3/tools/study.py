@@ -470,7 +470,8 @@ def _grid_tables(rows: list[dict[str, Any]], study: Study, out_dir: Path) -> lis
             "## Frozen vs learned patch projection",
             "",
             "Each learned run beside its frozen twin (same other settings); gains are frozen "
-            "minus learned, mean (min to max) over the pairs.",
+            "minus learned, mean (min to max) over the pairs. A frozen projection has no "
+            "gradient: its runs' first layer is the first block.",
             "",
             pairs,
             "",

@@ -89,6 +89,8 @@ def _spread(values: list[float | None]) -> str:
 
 
 def _value_text(value: Any) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, bool):  # as the study file writes it
         return str(value).lower()
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -121,7 +123,7 @@ def seeds_table(rows: list[dict[str, Any]], varied: list[str]) -> str | None:
     body = []
     for setting, group in _grouped(rows, keys).items():
         counts = [
-            "/".join(str(row.get(name, "-")) for row in group)
+            "/".join(_value_text(row.get(name)) for row in group)
             for name in ("ordered_spikes", "grad_spikes", "knn_dips")
         ]
         body.append(

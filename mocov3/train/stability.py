@@ -95,9 +95,9 @@ def ordered_spike_pairs(
     """The paper's ordering (Sec. 5, Fig. 4): ``(first, last)`` step pairs where a
     first-layer spike is followed, 1 to ``within`` steps later, by a last-layer spike.
 
-    Each spike is used once: in time order, a last-layer spike is paired with the latest
-    unpaired first-layer spike before it in the window (the one that most plausibly
-    travelled). Spikes at the same step are simultaneous, not ordered."""
+    Each spike is used once. In time order, a last-layer spike takes the earliest unpaired
+    first-layer spike still in its window: the one that expires first, so as many spikes as
+    possible are paired. Spikes at the same step are simultaneous, not ordered."""
     pairs: list[tuple[int, int]] = []
     open_first: list[int] = []
     firsts = sorted(first_steps)
@@ -108,7 +108,7 @@ def ordered_spike_pairs(
             index += 1
         open_first = [step for step in open_first if last - step <= within]
         if open_first:
-            pairs.append((open_first.pop(), last))
+            pairs.append((open_first.pop(0), last))
     return pairs
 
 

@@ -70,17 +70,20 @@ def test_detector_flags_each_spike_once_and_merges_an_episode():
 
 def test_ordering_rule_pairs_a_first_layer_spike_with_a_later_last_layer_spike():
     # hand-made: 100 -> 130 (30 later) is ordered; 200 and 200 are simultaneous, not ordered;
-    # 300 -> 360 is 60 steps, outside a 50-step window; 400, 410 -> 420: the latest first
-    # spike travelled (410 -> 420) and 400 stays unpaired; 500 -> 501 is ordered
+    # 300 -> 360 is 60 steps, outside a 50-step window; 400, 410 -> 420: the earliest open
+    # first spike (400) is paired and 410 waits, then expires; 500 -> 501 is ordered
     first = [100, 200, 300, 400, 410, 500]
     last = [130, 200, 360, 420, 501, 505]
-    assert ordered_spike_pairs(first, last, within=50) == [(100, 130), (410, 420), (500, 501)]
+    assert ordered_spike_pairs(first, last, within=50) == [(100, 130), (400, 420), (500, 501)]
     assert ordered_spike_pairs(first, last, within=60) == [
         (100, 130),
         (300, 360),
-        (410, 420),
+        (400, 420),
         (500, 501),
     ]
+    # taking the earliest open spike pairs the most: 100 -> 120 and 110 -> 155 (the latest,
+    # 110 -> 120, would leave 100 to expire before 155)
+    assert ordered_spike_pairs([100, 110], [120, 155], within=50) == [(100, 120), (110, 155)]
     # the order matters: last-layer spikes leading first-layer ones pair differently
     assert ordered_spike_pairs(last, first, within=50) == [(360, 400)]
     assert ordered_spike_pairs([], last, within=50) == ordered_spike_pairs(first, [], 50) == []
