@@ -479,9 +479,10 @@ def _grid_tables(rows: list[dict[str, Any]], study: Study, out_dir: Path) -> lis
     plot = clearest_pair_plot(rows, study.varied, out_dir / "runs", out_dir)
     if plot:
         lines += [
-            "The learned run with the most ordered spikes beside its frozen twin (gradient "
-            "norms of the first layer and the last block, triangles: spikes; the kNN monitor "
-            "beneath; dashed: instability events):",
+            "The clearest pair: the learned run with the most ordered spikes (without any, the "
+            "highest first-layer peak) beside its frozen twin (gradient norms of the first "
+            "layer and the last block, triangles: spikes; the kNN monitor beneath; dashed: "
+            "instability events):",
             "",
             f"![{plot.stem}]({plot.name})",
             "",
